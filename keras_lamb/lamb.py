@@ -1,0 +1,218 @@
+"""LAMB: layer-wise adaptive moments (You et al. 2019, Algorithm 2)."""
+
+import keras
+from keras import ops
+
+from keras_lamb.layerwise import LayerwiseAdaptiveOptimizer, dense_float32
+from keras_lamb.trust_ratio import (
+    check_bool,
+    check_number,
+    l2_norm,
+    safe_trust_ratio,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_lamb")
+class LAMB(LayerwiseAdaptiveOptimizer):
+    """LAMB, the layer-wise adaptive large-batch optimizer of You et al.
+
+    For each variable `w` with gradient `g`, at step `t` (counted from 1):
+
+    ```
+    m = beta_1 * m + (1 - beta_1) * g
+    v = beta_2 * v + (1 - beta_2) * g**2
+    m_hat = m / (1 - beta_1**t)            # if bias_correction
+    v_hat = v / (1 - beta_2**t)            # if bias_correction
+    u = m_hat / (sqrt(v_hat) + epsilon) + weight_decay * w
+    r = phi(||w||) / ||u||                 # 1 when ||w|| or ||u|| is 0
+    w = w - learning_rate * r * u
+    ```
+
+    `phi` clips `||w||` to `trust_ratio_bounds = (lower, upper)` (identity when
+    `None`). Weight decay is part of `u`, so it is scaled by the trust ratio
+    like the rest of the step; this is the paper's algorithm, and it differs
+    from `keras.optimizers.Lamb(weight_decay=...)`, which decays the weights
+    separately, outside the ratio. Variables matched by
+    `exclude_from_weight_decay` get no decay term; variables matched by
+    `exclude_from_layer_adaptation` use `r = 1` (plain Adam steps). The two
+    rules are independent. Norms and the ratio are computed in float32
+    whatever the variable dtype.
+
+    Non-finite gradients: outside `keras.optimizers.LossScaleOptimizer` a
+    nan/inf gradient makes the moments and the variable nan, as with Keras's
+    own Adam. Wrap the optimizer in `LossScaleOptimizer` (which skips such
+    steps) or clip gradients if your model can produce them.
+
+    Args:
+        learning_rate: float >= 0, a `LearningRateSchedule`, or a callable.
+            Defaults to `1e-3`.
+        beta_1: float in [0, 1), decay of the first moment. Defaults to `0.9`.
+        beta_2: float in [0, 1), decay of the second moment. Defaults to
+            `0.999`.
+        epsilon: float >= 0 added to `sqrt(v_hat)`. Defaults to `1e-6`, as in
+            the BERT recipes.
+        weight_decay: float >= 0, the `lambda` of the paper. Defaults to `0.0`.
+        exclude_from_weight_decay: `None`, a regular expression, a list of
+            regular expressions searched in `variable.path` (for BERT:
+            `"layer_norm|LayerNorm|bias"`), or a callable `variable -> bool`.
+        exclude_from_layer_adaptation: the same forms; matched variables take
+            plain Adam steps (`r = 1`). Independent of the decay exclusions.
+        bias_correction: bool, divide the moments by `1 - beta**t`. Defaults to
+            `True`.
+        trust_ratio_bounds: `None` or `(lower, upper)` with `0 <= lower <=
+            upper` (either may be `None` for no bound): the clip `phi` applied
+            to `||w||` in the numerator of the ratio.
+        track_trust_ratios: bool; if `True`, the optimizer keeps the last
+            step's per-variable norms and ratio (`trust_ratio_stats()`), at the
+            cost of four float32 scalars per variable. Defaults to `False`.
+        **kwargs: the base optimizer keywords (`clipnorm`, `global_clipnorm`,
+            `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
+            `loss_scale_factor`, `gradient_accumulation_steps`, `name`).
+
+    References:
+        - You et al., *Large Batch Optimization for Deep Learning: Training
+          BERT in 76 minutes*, ICLR 2020, arXiv:1904.00962, Algorithm 2.
+
+    Example:
+
+    >>> import keras, keras_lamb
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> model.compile(
+    ...     optimizer=keras_lamb.LAMB(
+    ...         learning_rate=1e-3,
+    ...         weight_decay=0.01,
+    ...         exclude_from_weight_decay="bias",
+    ...         exclude_from_layer_adaptation="bias",
+    ...     ),
+    ...     loss="mse",
+    ... )
+    """
+
+    def __init__(
+        self,
+        learning_rate=1e-3,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-6,
+        weight_decay=0.0,
+        exclude_from_weight_decay=None,
+        exclude_from_layer_adaptation=None,
+        bias_correction=True,
+        trust_ratio_bounds=None,
+        track_trust_ratios=False,
+        name="lamb",
+        **kwargs,
+    ):
+        beta_1 = check_number("beta_1", beta_1, 0, 1, high_open=True)
+        beta_2 = check_number("beta_2", beta_2, 0, 1, high_open=True)
+        epsilon = check_number("epsilon", epsilon, low=0)
+        bias_correction = check_bool("bias_correction", bias_correction)
+        trust_ratio_bounds = _check_bounds(trust_ratio_bounds)
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            exclude_from_weight_decay=exclude_from_weight_decay,
+            exclude_from_layer_adaptation=exclude_from_layer_adaptation,
+            track_trust_ratios=track_trust_ratios,
+            name=name,
+            **kwargs,
+        )
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.bias_correction = bias_correction
+        self.trust_ratio_bounds = trust_ratio_bounds
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums, self._velocities = self.add_optimizer_variables(
+            var_list, ["momentum", "velocity"]
+        )
+
+    def update_step(self, gradient, variable, learning_rate):
+        index, use_decay, use_adaptation = self._layer_flags(variable)
+        g = dense_float32(gradient)
+        w = ops.cast(variable, "float32")
+        m_slot = self._momentums[index]
+        v_slot = self._velocities[index]
+        m = self.beta_1 * ops.cast(m_slot, "float32") + (1 - self.beta_1) * g
+        v = self.beta_2 * ops.cast(v_slot, "float32") + (
+            1 - self.beta_2
+        ) * ops.square(g)
+        m_hat, v_hat = m, v
+        if self.bias_correction:
+            t = ops.cast(self.iterations + 1, "float32")
+            m_hat = m / (1 - ops.power(self.beta_1, t))
+            v_hat = v / (1 - ops.power(self.beta_2, t))
+        u = m_hat / (ops.sqrt(v_hat) + self.epsilon)
+        if use_decay:
+            u = u + self.weight_decay * w
+        lr = ops.cast(learning_rate, "float32")
+        w_norm = u_norm = None
+        if use_adaptation:
+            w_norm = l2_norm(w)
+            u_norm = l2_norm(u)
+            phi = w_norm
+            if self.trust_ratio_bounds is not None:
+                lower, upper = self.trust_ratio_bounds
+                phi = ops.clip(
+                    w_norm,
+                    0.0 if lower is None else lower,
+                    float("inf") if upper is None else upper,
+                )
+            ratio = safe_trust_ratio(phi, u_norm, norms=(w_norm, u_norm))
+        else:
+            ratio = ops.ones((), "float32")
+        # Statistics first: on eager TF `w` still aliases the variable.
+        if self._stats is not None:
+            self._record_stats(
+                index,
+                weight_norm=l2_norm(w) if w_norm is None else w_norm,
+                update_norm=l2_norm(u) if u_norm is None else u_norm,
+                trust_ratio=ratio,
+                learning_rate=lr * ratio,
+            )
+        self.assign(m_slot, ops.cast(m, m_slot.dtype))
+        self.assign(v_slot, ops.cast(v, v_slot.dtype))
+        self.assign(variable, ops.cast(w - lr * ratio * u, variable.dtype))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "bias_correction": self.bias_correction,
+                "trust_ratio_bounds": (
+                    None
+                    if self.trust_ratio_bounds is None
+                    else list(self.trust_ratio_bounds)
+                ),
+            }
+        )
+        return config
+
+
+def _check_bounds(bounds):
+    if bounds is None:
+        return None
+    message = (
+        "Argument `trust_ratio_bounds` must be None or a pair (lower, upper) "
+        "of finite numbers (or None) with 0 <= lower <= upper. Received: "
+        f"trust_ratio_bounds={bounds!r}"
+    )
+    if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+        raise ValueError(message)
+    try:
+        lower, upper = (
+            None if b is None else check_number("trust_ratio_bounds", b, low=0)
+            for b in bounds
+        )
+    except ValueError:
+        raise ValueError(message) from None
+    if lower is not None and upper is not None and lower > upper:
+        raise ValueError(message)
+    return (lower, upper)

@@ -1,0 +1,192 @@
+"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017)."""
+
+import keras
+from keras import ops
+
+from keras_lamb.layerwise import LayerwiseAdaptiveOptimizer, dense_float32
+from keras_lamb.trust_ratio import (
+    check_bool,
+    check_number,
+    l2_norm,
+    safe_trust_ratio,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_lamb")
+class LARS(LayerwiseAdaptiveOptimizer):
+    """LARS, SGD with momentum and a per-layer trust ratio.
+
+    For each variable `w` with gradient `g` (the form of Algorithm 1 used by
+    the MLPerf ResNet-50 reference, with the learning rate inside the
+    momentum buffer):
+
+    ```
+    r = trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + epsilon)
+                                           # 1 when ||w|| or ||g|| is 0
+    v = momentum * v + learning_rate * r * (g + weight_decay * w)
+    w = w - v                              # nesterov=False
+    w = w - (momentum * v + learning_rate * r * (g + weight_decay * w))
+                                           # nesterov=True (v already updated)
+    ```
+
+    With `clip_trust_ratio=True` (LARC "clip" mode of NVIDIA apex) the ratio
+    becomes `r = min(r / learning_rate, 1)`, so the variable's effective rate
+    `learning_rate * r = min(trust_coefficient * ||w|| / (...),
+    learning_rate)` never exceeds the global rate. Variables matched by
+    `exclude_from_layer_adaptation` use `r = 1` (plain momentum SGD);
+    variables matched by `exclude_from_weight_decay` use `weight_decay = 0`
+    in both the ratio and the step. Norms are computed in float32.
+
+    Non-finite gradients: outside `keras.optimizers.LossScaleOptimizer` a
+    nan/inf gradient makes the momentum and the variable nan, as with Keras's
+    own SGD.
+
+    Args:
+        learning_rate: float >= 0, a `LearningRateSchedule`, or a callable.
+            Defaults to `1.0` (LARS rates are large: 10-30 for ResNet-50 at
+            batch 8k-32k).
+        momentum: float in [0, 1). Defaults to `0.9`.
+        weight_decay: float >= 0. Defaults to `1e-4`.
+        trust_coefficient: float > 0, the `eta` of the paper. Defaults to
+            `1e-3`.
+        epsilon: float >= 0 added to the ratio's denominator. Defaults to
+            `0.0`.
+        nesterov: bool, Nesterov momentum. Defaults to `False`.
+        exclude_from_weight_decay: `None`, a regular expression, a list of
+            regular expressions searched in `variable.path` (for
+            keras.applications ResNet: `"bn|batch_norm|bias"`), or a callable
+            `variable -> bool`.
+        exclude_from_layer_adaptation: the same forms; matched variables use
+            `r = 1`. Independent of the decay exclusions.
+        clip_trust_ratio: bool, LARC clipping as above. Defaults to `False`.
+        track_trust_ratios: bool; if `True`, keep the last step's per-variable
+            norms and ratio (`trust_ratio_stats()`). Defaults to `False`.
+        **kwargs: the base optimizer keywords (`clipnorm`, `global_clipnorm`,
+            `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
+            `loss_scale_factor`, `gradient_accumulation_steps`, `name`).
+
+    References:
+        - You, Gitman, Ginsburg, *Large Batch Training of Convolutional
+          Networks*, arXiv:1708.03888, Algorithm 1.
+        - MLPerf Training ResNet-50 reference (TensorFlow), LARS optimizer.
+        - NVIDIA apex `LARC` for the clipping mode.
+
+    Example:
+
+    >>> import keras, keras_lamb
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> model.compile(
+    ...     optimizer=keras_lamb.LARS(
+    ...         learning_rate=1.0,
+    ...         exclude_from_weight_decay="bias",
+    ...         exclude_from_layer_adaptation="bias",
+    ...     ),
+    ...     loss="mse",
+    ... )
+    """
+
+    def __init__(
+        self,
+        learning_rate=1.0,
+        momentum=0.9,
+        weight_decay=1e-4,
+        trust_coefficient=1e-3,
+        epsilon=0.0,
+        nesterov=False,
+        exclude_from_weight_decay=None,
+        exclude_from_layer_adaptation=None,
+        clip_trust_ratio=False,
+        track_trust_ratios=False,
+        name="lars",
+        **kwargs,
+    ):
+        momentum = check_number("momentum", momentum, 0, 1, high_open=True)
+        trust_coefficient = check_number(
+            "trust_coefficient", trust_coefficient, low=0, low_open=True
+        )
+        epsilon = check_number("epsilon", epsilon, low=0)
+        nesterov = check_bool("nesterov", nesterov)
+        clip_trust_ratio = check_bool("clip_trust_ratio", clip_trust_ratio)
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            exclude_from_weight_decay=exclude_from_weight_decay,
+            exclude_from_layer_adaptation=exclude_from_layer_adaptation,
+            track_trust_ratios=track_trust_ratios,
+            name=name,
+            **kwargs,
+        )
+        self.momentum = momentum
+        self.trust_coefficient = trust_coefficient
+        self.epsilon = epsilon
+        self.nesterov = nesterov
+        self.clip_trust_ratio = clip_trust_ratio
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums = self.add_optimizer_variables(var_list, "momentum")
+
+    def update_step(self, gradient, variable, learning_rate):
+        index, use_decay, use_adaptation = self._layer_flags(variable)
+        g = dense_float32(gradient)
+        w = ops.cast(variable, "float32")
+        wd = self.weight_decay if use_decay else 0.0
+        lr = ops.cast(learning_rate, "float32")
+        w_norm = g_norm = None
+        if use_adaptation:
+            w_norm = l2_norm(w)
+            g_norm = l2_norm(g)
+            # local_lr = eta ||w|| / (||g|| + wd ||w|| + eps), 1 on a zero norm
+            ratio = safe_trust_ratio(
+                self.trust_coefficient * w_norm,
+                g_norm + wd * w_norm + self.epsilon,
+                norms=(w_norm, g_norm),
+            )
+            if self.clip_trust_ratio:
+                # LARC clip (apex): r = min(r / lr, 1) where the norms are
+                # positive, so lr * r never exceeds lr; r = 1 elsewhere.
+                clip = ops.logical_and(
+                    ops.logical_and(
+                        ops.greater(w_norm, 0.0), ops.greater(g_norm, 0.0)
+                    ),
+                    ops.greater(lr, 0.0),
+                )
+                safe_lr = ops.where(clip, lr, 1.0)
+                ratio = ops.where(
+                    clip, ops.minimum(ratio / safe_lr, 1.0), ratio
+                )
+        else:
+            ratio = ops.ones((), "float32")
+        step = lr * ratio * (g + wd * w) if use_decay else lr * ratio * g
+        m_slot = self._momentums[index]
+        m = self.momentum * ops.cast(m_slot, "float32") + step  # v_t
+        if self.nesterov:
+            new_w = w - (self.momentum * m + step)
+        else:
+            new_w = w - m
+        # Statistics first: on eager TF `w` still aliases the variable.
+        if self._stats is not None:
+            self._record_stats(
+                index,
+                weight_norm=l2_norm(w) if w_norm is None else w_norm,
+                update_norm=l2_norm(g) if g_norm is None else g_norm,
+                trust_ratio=ratio,
+                learning_rate=lr * ratio,
+            )
+        self.assign(m_slot, ops.cast(m, m_slot.dtype))
+        self.assign(variable, ops.cast(new_w, variable.dtype))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "momentum": self.momentum,
+                "trust_coefficient": self.trust_coefficient,
+                "epsilon": self.epsilon,
+                "nesterov": self.nesterov,
+                "clip_trust_ratio": self.clip_trust_ratio,
+            }
+        )
+        return config

@@ -1,0 +1,155 @@
+"""The pieces LAMB and LARS share: norms, the safe trust ratio, exclusions.
+
+Both optimizers scale each variable's step by a ratio of norms (You et al.
+2017, 2019). This module holds the numerics of that ratio and the rules that
+decide which variables take part in weight decay and in layer adaptation, so
+that the two optimizers cannot drift apart.
+"""
+
+import math
+import re
+
+from keras import ops
+
+__all__ = [
+    "ExclusionRule",
+    "l2_norm",
+    "safe_trust_ratio",
+]
+
+
+def l2_norm(x):
+    """Euclidean norm of all entries of `x`, computed in float32."""
+    x = ops.cast(x, "float32")
+    return ops.sqrt(ops.sum(ops.square(x)))
+
+
+def safe_trust_ratio(numerator, denominator, norms=None):
+    """`numerator / denominator` where every norm in `norms` is positive, else 1.
+
+    `norms` defaults to `(numerator, denominator)`. A zero weight norm (a
+    freshly zero-initialised bias) or a zero gradient/update norm (a layer that
+    got no signal this step) would otherwise freeze the variable or divide by
+    zero, so the ratio falls back to 1 there, as in both papers' reference
+    code. The denominator is replaced before the division, not after, so no inf
+    or nan is ever formed (a `where` applied afterwards still evaluates the
+    0/0 branch, which XLA's nan checks and gradient code then see).
+    """
+    if norms is None:
+        norms = (numerator, denominator)
+    positive = ops.greater(norms[0], 0.0)
+    for norm in norms[1:]:
+        positive = ops.logical_and(positive, ops.greater(norm, 0.0))
+    safe_denominator = ops.where(positive, denominator, 1.0)
+    return ops.where(positive, numerator / safe_denominator, 1.0)
+
+
+class ExclusionRule:
+    """Decides which variables an optimizer feature skips.
+
+    Args:
+        spec: `None` (exclude nothing), a regular expression, a list of
+            regular expressions (a variable is excluded when any of them is
+            found by `re.search` in `variable.path`, e.g. `"dense/bias"`), or a
+            callable `variable -> bool` that returns `True` to exclude.
+        argument: the name of the optimizer argument, used in error messages.
+    """
+
+    def __init__(self, spec, argument):
+        self.argument = argument
+        self.spec = spec
+        self._patterns = []
+        self._callable = None
+        if spec is None:
+            return
+        if callable(spec) and not isinstance(spec, str):
+            self._callable = spec
+            return
+        if isinstance(spec, str):
+            patterns = [spec]
+        elif isinstance(spec, (list, tuple)) and all(
+            isinstance(p, str) for p in spec
+        ):
+            patterns = list(spec)
+        else:
+            raise ValueError(
+                f"Argument `{argument}` must be None, a regular expression "
+                "string, a list of regular expression strings, or a callable "
+                f"`variable -> bool`. Received: {argument}={spec!r}"
+            )
+        for pattern in patterns:
+            try:
+                self._patterns.append(re.compile(pattern))
+            except re.error as e:
+                raise ValueError(
+                    f"Argument `{argument}` contains an invalid regular "
+                    f"expression {pattern!r} ({e}). Received: "
+                    f"{argument}={spec!r}"
+                ) from None
+
+    @property
+    def is_callable(self):
+        return self._callable is not None
+
+    def excludes(self, variable):
+        """Whether `variable` (a Keras variable) is excluded."""
+        if self._callable is not None:
+            return bool(self._callable(variable))
+        path = getattr(variable, "path", None) or variable.name
+        return any(p.search(path) for p in self._patterns)
+
+    def extended(self, patterns):
+        """A new rule that also excludes the given regular expressions."""
+        if self._callable is not None:
+            raise ValueError(
+                f"`{self.argument}` is a callable; add the extra names to that "
+                "callable instead of passing `var_names`."
+            )
+        current = [] if self.spec is None else (
+            [self.spec] if isinstance(self.spec, str) else list(self.spec)
+        )
+        return ExclusionRule(current + list(patterns), self.argument)
+
+    def get_config(self):
+        """The serializable form of the rule; a callable cannot be saved."""
+        if self._callable is not None:
+            raise ValueError(
+                f"Cannot serialize an optimizer whose `{self.argument}` is a "
+                f"callable ({self._callable!r}): the saved config would "
+                "silently lose it. Use a regular expression or a list of "
+                "regular expressions matched against `variable.path` instead."
+            )
+        if isinstance(self.spec, tuple):
+            return list(self.spec)
+        return self.spec
+
+
+def check_number(name, value, low=None, high=None, low_open=False,
+                 high_open=False):
+    """Raises `ValueError` unless `value` is a finite real in the range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return float(value)
+    if low is not None and high is not None:
+        where = (f"in {'(' if low_open else '['}{low}, {high}"
+                 f"{')' if high_open else ']'}")
+    elif low is not None:
+        where = f"a finite number {'>' if low_open else '>='} {low}"
+    else:
+        where = "a finite number"
+    raise ValueError(
+        f"Argument `{name}` must be {where}. Received: {name}={value!r}"
+    )
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Argument `{name}` must be a bool. Received: {name}={value!r}"
+        )
+    return value
