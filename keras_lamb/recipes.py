@@ -450,7 +450,8 @@ def lars_resnet50(global_batch_size, epochs, steps_per_epoch,
         track_trust_ratios=track_trust_ratios,
     )
     notes = dict(
-        source="MLPerf ResNet-50 TF/TPU reference, lars_util.poly_rate_schedule",
+        source=("MLPerf ResNet-50 TF/TPU reference, "
+                "lars_util.poly_rate_schedule"),
         global_batch_size=global_batch_size,
         peak_learning_rate=peak,
         warmup_epochs=warmup_epochs,
@@ -498,7 +499,7 @@ def goyal_momentum(global_batch_size, epochs, steps_per_epoch,
         epochs: finite number > 0, the epoch budget (90 in the paper).
         steps_per_epoch: integer >= 1.
         weight_decay: finite number >= 0. Defaults to `1e-4`.
-        exclude_from_weight_decay: `None` or a list of name patterns.
+        exclude_from_weight_decay: `None`, a name pattern or a list of them.
         nesterov: bool. Defaults to `False`.
 
     Returns:
@@ -523,9 +524,14 @@ def goyal_momentum(global_batch_size, epochs, steps_per_epoch,
         round(e / settings["reference_epochs"] * epochs * steps_per_epoch)
         for e in settings["decay_epochs"]
     ]
-    _check_warmup(warmup_steps, boundaries[0],
-                  "the warmup must end before the first decay; here "
-                  "total_steps is the first decay step")
+    if not 1 <= warmup_steps < boundaries[0]:
+        raise ValueError(
+            "Argument `epochs` must leave the "
+            f"{settings['warmup_epochs']}-epoch warmup ({warmup_steps} steps) "
+            f"room before the first decay (step {boundaries[0]}, epoch "
+            f"{settings['decay_epochs'][0]} of {settings['reference_epochs']} "
+            f"scaled to the budget). Received: epochs={epochs:g}"
+        )
     values = [peak * settings["decay_factor"] ** i
               for i in range(len(boundaries) + 1)]
     schedule = WarmUp(
@@ -539,6 +545,8 @@ def goyal_momentum(global_batch_size, epochs, steps_per_epoch,
         nesterov=nesterov,
         weight_decay=weight_decay or None,
     )
+    if isinstance(exclude_from_weight_decay, str):
+        exclude_from_weight_decay = [exclude_from_weight_decay]
     if exclude_from_weight_decay:
         optimizer.exclude_from_weight_decay(
             var_names=list(exclude_from_weight_decay)
@@ -579,7 +587,7 @@ def nesterov_control(global_batch_size, epochs, steps_per_epoch,
         global_batch_size: integer >= 1 (recorded in the notes).
         epochs: finite number > 0.
         steps_per_epoch: integer >= 1.
-        peak_learning_rate: finite number > 0.
+        peak_learning_rate: finite number >= 0.
         warmup_epochs: finite number > 0.
         weight_decay: finite number >= 0.
         momentum: float in [0, 1).
@@ -647,7 +655,7 @@ def adamw_control(global_batch_size, total_steps, peak_learning_rate,
     Args:
         global_batch_size: integer >= 1 (recorded in the notes).
         total_steps: integer >= 2.
-        peak_learning_rate: finite number > 0.
+        peak_learning_rate: finite number >= 0.
         warmup_steps: integer in [1, total_steps).
         weight_decay: finite number >= 0 (decoupled, AdamW's).
         beta_1, beta_2, epsilon: Adam's. Defaults: `0.9`, `0.999`, `1e-6`.
