@@ -51,6 +51,8 @@ def configure_cpu_devices(count):
     if count <= 1:
         return
     cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) == count:
+        return  # already split (a second run in the same process)
     try:
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * count

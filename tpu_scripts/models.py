@@ -18,10 +18,6 @@ from keras import layers
 
 MODEL_NAMES = ("resnet50", "small_resnet")
 
-# Weight decay and layer adaptation skip these (BatchNorm and biases), as in
-# the LARS paper and the MLPerf reference.
-EXCLUDE_FROM_DECAY = r"bn|batch_normalization|bias|beta|gamma"
-
 
 def resnet50(input_shape=(224, 224, 3), num_classes=1000):
     """ResNet-50 v1 from `keras.applications`, randomly initialised."""

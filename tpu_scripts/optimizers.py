@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules chosen by name, for the scripts.
 
-`make_optimizer` returns the optimizer and the coefficient of an L2 penalty
-for the loss: the SGD optimizers (`momentum`, `nesterov`) decay weights the
+`make_optimizer` builds the optimizer and `l2_in_loss` gives the coefficient
+of the L2 penalty the loss needs with it: the SGD optimizers (`momentum`, `nesterov`) decay weights the
 way Goyal et al. and the ResNet reference code do, by an L2 term in the loss
 (the gradient becomes `g + weight_decay * w`, which then goes through the
 momentum buffer); LARS and LAMB put `weight_decay * w` inside their trust
@@ -12,7 +12,9 @@ ratio; AdamW decays decoupled. Recipes (`--recipe`) come from
 import keras
 
 import keras_lamb
+from keras_lamb import recipes
 from keras_lamb.schedules import WarmUp
+from keras_lamb.trust_ratio import ExclusionRule
 
 OPTIMIZER_NAMES = ("lars", "lamb", "momentum", "nesterov", "adamw")
 DECAY_NAMES = ("cosine", "polynomial", "constant")
@@ -20,23 +22,18 @@ SCALING_RULES = ("linear", "sqrt", "none")
 
 
 def scale_learning_rate(base_learning_rate, base_batch_size, batch_size, rule):
-    """The learning rate for `batch_size` from one tuned at
-    `base_batch_size`: `linear` (Goyal et al.), `sqrt` (Krizhevsky; You et
-    al. for LAMB) or `none`."""
-    try:
-        from keras_lamb.recipes import scale_learning_rate as scale
-    except ImportError:
-        scale = None
-    if scale is not None:
-        return scale(base_learning_rate, base_batch_size, batch_size, rule)
-    ratio = batch_size / base_batch_size
-    factors = {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}
-    if rule not in factors:
+    """`keras_lamb.recipes.scale_learning_rate` (`linear`, `sqrt`), plus
+    `none` (the rate unchanged)."""
+    if rule not in SCALING_RULES:
         raise ValueError(
-            f"Unknown scaling rule {rule!r}; expected one of: "
+            f"Unknown --lr_scaling={rule!r}; expected one of: "
             f"{', '.join(SCALING_RULES)}."
         )
-    return base_learning_rate * factors[rule]
+    if rule == "none":
+        return float(base_learning_rate)
+    return recipes.scale_learning_rate(
+        base_learning_rate, base_batch_size, batch_size, rule
+    )
 
 
 def make_schedule(peak_learning_rate, total_steps, warmup_steps,
@@ -76,33 +73,59 @@ def make_schedule(peak_learning_rate, total_steps, warmup_steps,
     )
 
 
+class PathExcludingAdamW(keras.optimizers.AdamW):
+    """Keras's AdamW, with weight-decay exclusions matched against
+    `variable.path` (`conv1_bn/gamma`) like keras_lamb's, instead of Keras's
+    `variable.name` (`gamma`), where a pattern like `bn` never matches.
+
+    The rule is resolved at `build` from the Keras variables: on the
+    TensorFlow backend the decay step only sees the raw `tf.Variable`.
+    """
+
+    def __init__(self, *args, exclude_paths=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._exclude_paths = ExclusionRule(
+            exclude_paths, "exclude_from_weight_decay"
+        )
+
+    def build(self, var_list):
+        if not self.built:
+            excluded = [v for v in var_list
+                        if self._exclude_paths.excludes(v)]
+            if excluded:
+                self.exclude_from_weight_decay(var_list=excluded)
+        super().build(var_list)
+
+
+def l2_in_loss(name, weight_decay):
+    """Coefficient of the L2 loss term `name` needs: the weight decay for
+    the SGD optimizers (Goyal et al.), 0 for the others, which decay inside
+    their update."""
+    return weight_decay if name in ("momentum", "nesterov") else 0.0
+
+
 def make_optimizer(name, learning_rate, momentum=0.9, beta_1=0.9,
                    beta_2=0.999, epsilon=None, weight_decay=0.0,
                    trust_coefficient=1e-3, exclude_from_weight_decay=None,
                    exclude_from_layer_adaptation=None,
                    track_trust_ratios=False, clip_trust_ratio=False):
-    """`(optimizer, l2_in_loss)` for `name` in `OPTIMIZER_NAMES`.
+    """The optimizer `name` (one of `OPTIMIZER_NAMES`); SGD ones need
+    `l2_in_loss(name, weight_decay)` in the loss.
 
-    `exclude_*` are regular expressions searched in `variable.path` (AdamW:
-    in `variable.name`, Keras's own rule). `epsilon=None` keeps each
-    optimizer's default.
+    `exclude_*` are regular expressions searched in `variable.path`.
+    `epsilon=None` keeps each optimizer's default.
     """
     eps = {} if epsilon is None else {"epsilon": epsilon}
     if name in ("momentum", "nesterov"):
         optimizer = keras.optimizers.SGD(
             learning_rate, momentum=momentum, nesterov=name == "nesterov"
         )
-        return optimizer, weight_decay
+        return optimizer
     if name == "adamw":
-        optimizer = keras.optimizers.AdamW(
+        return PathExcludingAdamW(
             learning_rate, weight_decay=weight_decay, beta_1=beta_1,
-            beta_2=beta_2, **eps,
+            beta_2=beta_2, exclude_paths=exclude_from_weight_decay, **eps,
         )
-        if exclude_from_weight_decay:
-            optimizer.exclude_from_weight_decay(
-                var_names=[exclude_from_weight_decay]
-            )
-        return optimizer, 0.0
     if name == "lars":
         optimizer = keras_lamb.LARS(
             learning_rate, momentum=momentum, weight_decay=weight_decay,
@@ -112,7 +135,7 @@ def make_optimizer(name, learning_rate, momentum=0.9, beta_1=0.9,
             clip_trust_ratio=clip_trust_ratio,
             track_trust_ratios=track_trust_ratios, **eps,
         )
-        return optimizer, 0.0
+        return optimizer
     if name == "lamb":
         optimizer = keras_lamb.LAMB(
             learning_rate, beta_1=beta_1, beta_2=beta_2,
@@ -121,7 +144,7 @@ def make_optimizer(name, learning_rate, momentum=0.9, beta_1=0.9,
             exclude_from_layer_adaptation=exclude_from_layer_adaptation,
             track_trust_ratios=track_trust_ratios, **eps,
         )
-        return optimizer, 0.0
+        return optimizer
     raise ValueError(
         f"Unknown --optimizer={name!r}; expected one of: "
         f"{', '.join(OPTIMIZER_NAMES)}."

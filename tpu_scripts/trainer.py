@@ -28,8 +28,24 @@ import time
 
 import keras
 import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
 
 from tpu_scripts import distribute
+
+# TensorBoard's scalar format, written with TensorFlow's own summary op so
+# that training does not need the `tensorboard` package (only viewing does).
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+    data_class=summary_pb2.DATA_CLASS_SCALAR,
+)
+
+
+def write_scalar(name, value, step):
+    """Writes one TensorBoard scalar to the default summary writer."""
+    tf.summary.write(
+        name, tf.constant(value, tf.float32), step=step,
+        metadata=_SCALAR_METADATA,
+    )
 
 
 class Task:
@@ -97,13 +113,9 @@ class ClassificationTask(Task):
         images, labels = batch[0], batch[1]
         logits = tf.cast(model(images, training=training), tf.float32)
         one_hot = tf.one_hot(labels, self.num_classes)
-        loss = tf.nn.softmax_cross_entropy_with_logits(
-            keras.ops.convert_to_tensor(
-                one_hot * (1 - self.label_smoothing)
-                + self.label_smoothing / self.num_classes
-            ),
-            logits,
-        )
+        targets = (one_hot * (1 - self.label_smoothing)
+                   + self.label_smoothing / self.num_classes)
+        loss = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
         weights = self.example_weights(batch)
         if weights is not None:
             loss = loss * weights
@@ -152,6 +164,13 @@ class Trainer:
     def __init__(self, strategy, task, optimizer_fn, global_batch_size,
                  model_dir=None, steps_per_loop=100, jit_compile=False,
                  max_checkpoints=3, log=print):
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(
+                "The trainer drives tf.distribute and needs Keras's "
+                "TensorFlow backend; this process uses "
+                f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow "
+                "before importing keras."
+            )
         if steps_per_loop < 1:
             raise ValueError(
                 f"steps_per_loop must be >= 1. Received: {steps_per_loop}."
@@ -253,10 +272,10 @@ class Trainer:
         finite = tf.reduce_all(
             [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
         )
-        all_finite = tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.float32)
-        )
-        poison = tf.where(all_finite > 0, 1.0, float("nan"))
+        overflowed = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32)
+        )  # number of replicas with a non-finite gradient
+        poison = tf.where(overflowed > 0, float("nan"), 1.0)
         return [None if g is None else g * tf.cast(poison, g.dtype)
                 for g in grads]
 
@@ -312,12 +331,9 @@ class Trainer:
         inner = _inner_optimizer(self.optimizer)
         if not getattr(inner, "track_trust_ratios", False):
             return
-        stats = inner.trust_ratio_stats()
-        ratios = [s["trust_ratio"] for s in stats.values()]
-        tf.summary.histogram("trust_ratio/all_variables", ratios, step=step)
-        for path, values in stats.items():
+        for path, values in inner.trust_ratio_stats().items():
             for stat, value in values.items():
-                tf.summary.scalar(f"{stat}/{path}", value, step=step)
+                write_scalar(f"{stat}/{path}", value, step)
 
     def _distribute(self, input_fn, epoch=0, start_step=0):
         return self.strategy.distribute_datasets_from_function(
@@ -386,11 +402,9 @@ class Trainer:
                 )
                 with self._train_writer.as_default():
                     for name, value in train_results.items():
-                        tf.summary.scalar(name, value, step=step)
-                    tf.summary.scalar("learning_rate", learning_rate, step=step)
-                    tf.summary.scalar(
-                        "images_per_second", images_per_second, step=step
-                    )
+                        write_scalar(name, value, step)
+                    write_scalar("learning_rate", learning_rate, step)
+                    write_scalar("images_per_second", images_per_second, step)
                     self._write_trust_ratios(step)
                 evaluate = eval_input is not None and eval_every_steps and (
                     step % eval_every_steps == 0 and step < train_steps
@@ -427,5 +441,5 @@ class Trainer:
         )
         with self._eval_writer.as_default():
             for name, value in results.items():
-                tf.summary.scalar(name, value, step=step)
+                write_scalar(name, value, step)
         return results

@@ -1,0 +1,641 @@
+r"""Trains a ResNet with LARS, LAMB or SGD on any tf.distribute strategy.
+
+ResNet-50 on ImageNet on a TPU pod at batch 32k with the MLPerf LARS recipe:
+
+    python -m tpu_scripts.resnet_imagenet --strategy=tpu --tpu=my-tpu-pod \
+      --dataset=imagenet2012 --data_dir=gs://my-bucket/tfds \
+      --model=resnet50 --optimizer=lars --recipe=mlperf \
+      --global_batch_size=32768 --epochs=44 --mixed_precision=bfloat16 \
+      --steps_per_loop=100 --eval_every=4 --model_dir=gs://my-bucket/r50
+
+A small run on this machine (Fashion-MNIST IDX files, no network):
+
+    python tpu_scripts/resnet_imagenet.py --dataset=fashion_mnist \
+      --data_dir=/usr/share/datasets/fashion-mnist --model=small_resnet \
+      --global_batch_size=512 --epochs=2 --model_dir=/tmp/fmnist
+
+The same training loop (`tpu_scripts.trainer.Trainer`) runs under every
+strategy; `results.json` in `--model_dir` records the final top-1, the steps,
+the wall time, images/s and every flag.
+"""
+
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
+    sys.path.insert(
+        0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
+if __name__ == "__main__":  # a script needs TensorFlow (tf.distribute)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+
+from absl import app, flags, logging  # noqa: E402
+
+from tpu_scripts import distribute  # noqa: E402
+from tpu_scripts.data import AUGMENTATIONS  # noqa: E402
+from keras_lamb.recipes import RESNET_EXCLUDE  # noqa: E402
+from tpu_scripts.models import MODEL_NAMES  # noqa: E402
+from tpu_scripts.optimizers import (  # noqa: E402
+    DECAY_NAMES,
+    OPTIMIZER_NAMES,
+    SCALING_RULES,
+)
+
+RECIPE_NAMES = ("none", "mlperf", "goyal", "lamb_paper")
+
+# --recipe=none defaults, per optimizer: base rate at `base_batch_size` 256,
+# scaling rule, decay, weight decay. Every value can be overridden by a flag.
+OPTIMIZER_DEFAULTS = {
+    "lars": dict(base_learning_rate=0.2, lr_scaling="linear",
+                 decay="polynomial", weight_decay=1e-4),
+    "momentum": dict(base_learning_rate=0.1, lr_scaling="linear",
+                     decay="cosine", weight_decay=1e-4),
+    "nesterov": dict(base_learning_rate=0.1, lr_scaling="linear",
+                     decay="cosine", weight_decay=1e-4),
+    "lamb": dict(base_learning_rate=2e-3, lr_scaling="sqrt",
+                 decay="polynomial", weight_decay=0.01),
+    "adamw": dict(base_learning_rate=1e-3, lr_scaling="sqrt",
+                  decay="cosine", weight_decay=0.05),
+}
+
+
+SCRIPT_FLAGS = set()
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines every flag of the script on `flag_values`."""
+    before = set(flag_values)
+    _define_flags(dict(flag_values=flag_values))
+    SCRIPT_FLAGS.update(set(flag_values) - before)
+
+
+def _define_flags(f):
+    # Distribution.
+    flags.DEFINE_enum(
+        "strategy", "default", distribute.STRATEGY_NAMES,
+        "tf.distribute strategy: tpu (TPUStrategy on --tpu), mirrored (all "
+        "local GPUs, else all logical CPUs), multi_worker_mirrored (cluster "
+        "from TF_CONFIG), one_device (first GPU, else CPU), default.", **f)
+    flags.DEFINE_string(
+        "tpu", "", "TPUClusterResolver name or grpc:// address of the TPU "
+        "(`local` on a TPU VM; empty: the TPU_NAME environment variable).",
+        **f)
+    flags.DEFINE_integer(
+        "num_cpu_devices", 0, "Split the host CPU into this many logical "
+        "devices before creating the strategy (runs multi-replica "
+        "`mirrored` on a CPU-only machine). 0 or 1: no split.", **f)
+    flags.DEFINE_enum(
+        "collective", "auto", ["auto", "ring", "nccl"],
+        "All-reduce implementation of multi_worker_mirrored.", **f)
+    flags.DEFINE_enum(
+        "mixed_precision", "none", distribute.MIXED_PRECISION_NAMES,
+        "Mixed precision policy: bfloat16 (TPU), float16 (GPU; the "
+        "optimizer is wrapped in keras.optimizers.LossScaleOptimizer) or "
+        "none (float32).", **f)
+    flags.DEFINE_boolean(
+        "jit_compile", False, "XLA-compile each replica's forward and "
+        "backward pass (GPU/CPU; TPU always compiles).", **f)
+    # Data.
+    flags.DEFINE_string(
+        "dataset", "imagenet2012", "TFDS dataset name (imagenet2012, "
+        "imagenette, cifar10, fashion_mnist, ...). fashion_mnist is read "
+        "from IDX files when --data_dir (or /usr/share/datasets/"
+        "fashion-mnist) holds them, else from TFDS.", **f)
+    flags.DEFINE_string(
+        "data_dir", None, "TFDS data directory, or the directory of the "
+        "Fashion-MNIST IDX files.", **f)
+    flags.DEFINE_string("train_split", "train", "Training split.", **f)
+    flags.DEFINE_string(
+        "eval_split", "", "Evaluation split (empty: `validation` if the "
+        "dataset has one, else `test`).", **f)
+    flags.DEFINE_integer(
+        "image_size", 0, "Training and evaluation image size (0: 224 for "
+        "resnet50, the dataset's own size for small_resnet).", **f)
+    flags.DEFINE_enum(
+        "augmentation", "auto", AUGMENTATIONS,
+        "Training augmentation: imagenet (random-resized crop + flip; eval "
+        "resize + centre crop), pad_crop_flip (small images), none; auto "
+        "picks imagenet for images of 64 pixels or more.", **f)
+    flags.DEFINE_integer(
+        "shuffle_buffer", 10000, "Shuffle buffer of the TFDS pipeline.", **f)
+    flags.DEFINE_integer(
+        "train_examples", 0, "Use only the first N training examples of "
+        "an in-memory dataset (0: all). For quick runs and tests.", **f)
+    flags.DEFINE_integer(
+        "eval_examples", 0, "Use only the first N evaluation examples of "
+        "an in-memory dataset (0: all).", **f)
+    # Model.
+    flags.DEFINE_enum(
+        "model", "resnet50", MODEL_NAMES,
+        "resnet50: ResNet-50 v1 from keras.applications (not the MLPerf "
+        "v1.5 variant); small_resnet: CIFAR-style ResNet of basic blocks.",
+        **f)
+    flags.DEFINE_list(
+        "small_resnet_widths", ["16", "32", "64"],
+        "Channels of each small_resnet stage.", **f)
+    flags.DEFINE_integer(
+        "small_resnet_blocks", 3, "Basic blocks per small_resnet stage (3 "
+        "with widths 16,32,64 is ResNet-20).", **f)
+    flags.DEFINE_integer(
+        "stem_stride", 1, "Stride of the small_resnet stem convolution.", **f)
+    flags.DEFINE_boolean(
+        "sync_batchnorm", False, "small_resnet: BatchNorm statistics over "
+        "the global batch (all replicas) instead of each replica's.", **f)
+    # Training loop.
+    flags.DEFINE_integer(
+        "global_batch_size", 1024, "Examples per step over all replicas; "
+        "must be divisible by the number of replicas.", **f)
+    flags.DEFINE_integer(
+        "eval_batch_size", 0, "Global evaluation batch (0: "
+        "--global_batch_size).", **f)
+    flags.DEFINE_float("epochs", 90.0, "Training epochs.", **f)
+    flags.DEFINE_integer(
+        "train_steps", 0, "Training steps; overrides --epochs when > 0.", **f)
+    flags.DEFINE_integer(
+        "steps_per_loop", 100, "Steps per compiled inner loop, and per "
+        "progress line / TensorBoard summary.", **f)
+    flags.DEFINE_float(
+        "eval_every", 0.0, "Evaluate (and checkpoint) every this many "
+        "epochs; 0: only at the end.", **f)
+    flags.DEFINE_integer(
+        "checkpoint_every", 0, "Checkpoint every this many steps (0: at "
+        "each evaluation and at the end).", **f)
+    flags.DEFINE_string(
+        "model_dir", None, "Checkpoints, TensorBoard logs and results.json. "
+        "A run restarted with the same --model_dir resumes from the latest "
+        "checkpoint at the exact batch.", **f)
+    flags.DEFINE_integer("seed", 0, "Seed of weights, shuffling and "
+                         "augmentation.", **f)
+    flags.DEFINE_boolean(
+        "deterministic", False, "Turn on TensorFlow op determinism "
+        "(tf.config.experimental.enable_op_determinism) for bit-identical "
+        "reruns and resumes.", **f)
+    # Optimizer.
+    flags.DEFINE_enum(
+        "optimizer", "lars", OPTIMIZER_NAMES,
+        "lars, lamb (keras_lamb), momentum, nesterov (SGD with L2 in the "
+        "loss, Goyal et al.), adamw (Keras).", **f)
+    flags.DEFINE_enum(
+        "recipe", "none", RECIPE_NAMES,
+        "Hyperparameters from keras_lamb.recipes: mlperf (LARS ResNet-50, "
+        "MLPerf), goyal (momentum, linear scaling + warmup), lamb_paper "
+        "(LAMB, You et al.); none: the flags below. Flags that are set "
+        "explicitly override the recipe.", **f)
+    flags.DEFINE_float(
+        "learning_rate", None, "Peak learning rate (default: "
+        "--base_learning_rate scaled from --base_batch_size to "
+        "--global_batch_size by --lr_scaling).", **f)
+    flags.DEFINE_float(
+        "base_learning_rate", None, "Learning rate at --base_batch_size "
+        "(default per optimizer: lars 0.2, momentum/nesterov 0.1, lamb "
+        "2e-3, adamw 1e-3).", **f)
+    flags.DEFINE_integer("base_batch_size", 256, "Batch size of "
+                         "--base_learning_rate.", **f)
+    flags.DEFINE_enum(
+        "lr_scaling", None, SCALING_RULES, "Learning-rate scaling rule "
+        "(default: linear for lars/momentum/nesterov, sqrt for "
+        "lamb/adamw).", **f)
+    flags.DEFINE_float("warmup_epochs", 5.0, "Linear warmup epochs.", **f)
+    flags.DEFINE_enum(
+        "decay", None, DECAY_NAMES, "Decay after the warmup (default: "
+        "polynomial for lars/lamb, cosine otherwise).", **f)
+    flags.DEFINE_float("decay_power", 2.0, "Power of the polynomial "
+                       "decay (MLPerf LARS: 2).", **f)
+    flags.DEFINE_float("end_learning_rate", 0.0, "Learning rate at the "
+                       "last step.", **f)
+    flags.DEFINE_float("momentum", 0.9, "Momentum of lars, momentum, "
+                       "nesterov.", **f)
+    flags.DEFINE_float("beta_1", 0.9, "beta_1 of lamb and adamw.", **f)
+    flags.DEFINE_float("beta_2", 0.999, "beta_2 of lamb and adamw.", **f)
+    flags.DEFINE_float("epsilon", None, "epsilon of lars, lamb, adamw "
+                       "(default: the optimizer's).", **f)
+    flags.DEFINE_float(
+        "weight_decay", None, "Weight decay (default per optimizer: "
+        "lars/momentum/nesterov 1e-4, lamb 0.01, adamw 0.05). SGD: L2 in "
+        "the loss; lars/lamb: inside the trust ratio; adamw: decoupled.",
+        **f)
+    flags.DEFINE_float("trust_coefficient", 1e-3, "LARS trust coefficient "
+                       "(eta).", **f)
+    flags.DEFINE_boolean("clip_trust_ratio", False, "LARS: LARC clipping "
+                         "of the trust ratio.", **f)
+    flags.DEFINE_string(
+        "exclude_from_weight_decay", RESNET_EXCLUDE, "Regular "
+        "expression of variable paths without weight decay.", **f)
+    flags.DEFINE_string(
+        "exclude_from_layer_adaptation", RESNET_EXCLUDE, "Regular "
+        "expression of variable paths with trust ratio 1 (lars, lamb).", **f)
+    flags.DEFINE_float(
+        "label_smoothing", None, "Label smoothing in [0, 1) (default: the "
+        "recipe's, else 0).", **f)
+    flags.DEFINE_boolean(
+        "track_trust_ratios", True, "lars/lamb: record per-variable trust "
+        "ratios and write them to TensorBoard.", **f)
+    flags.DEFINE_string(
+        "results_json", "", "Where to write results.json (empty: "
+        "--model_dir/results.json, or ./results.json without --model_dir).",
+        **f)
+
+
+# ----------------------------------------------------------------------------
+# The logic, importable and testable.
+
+
+def build_inputs(flags_, global_batch_size, eval_batch_size, log=print):
+    """`(train_input, eval_input, input_shape, num_classes)`."""
+    from tpu_scripts import data
+
+    name = flags_.dataset
+    if name == "fashion_mnist":
+        data_dir = flags_.data_dir or data.SYSTEM_FASHION_MNIST_DIR
+        if data.has_fashion_mnist(data_dir):
+            log(f"Data: Fashion-MNIST IDX files in {data_dir}.")
+            train = data.load_fashion_mnist(data_dir, "train")
+            test = data.load_fashion_mnist(data_dir, "test")
+            return _array_inputs(flags_, train, test, global_batch_size,
+                                 eval_batch_size)
+        log(f"Data: no Fashion-MNIST IDX files in {data_dir}; loading "
+            "fashion_mnist from TFDS (needs network or a prepared "
+            "--data_dir; offline: `apt-get install dataset-fashion-mnist`).")
+    image_size = flags_.image_size or (224 if flags_.model == "resnet50"
+                                       else None)
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=flags_.data_dir)
+    builder.download_and_prepare()
+    if image_size is None:
+        image_size = builder.info.features["image"].shape[0]
+    eval_split = flags_.eval_split or (
+        "validation" if "validation" in builder.info.splits else "test"
+    )
+    log(f"Data: TFDS {name} ({flags_.train_split} / {eval_split}) in "
+        f"{builder.data_dir}.")
+    common = dict(data_dir=flags_.data_dir, image_size=image_size,
+                  augmentation=flags_.augmentation, seed=flags_.seed)
+    train = data.TFDSInput(name, flags_.train_split, global_batch_size, True,
+                           shuffle_buffer=flags_.shuffle_buffer, **common)
+    evaluation = data.TFDSInput(name, eval_split, eval_batch_size, False,
+                                **common)
+    shape = (image_size, image_size, train.channels)
+    return train, evaluation, shape, train.num_classes
+
+
+def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
+    from tpu_scripts import data
+
+    (train_x, train_y), (test_x, test_y) = train, test
+    if flags_.train_examples:
+        train_x, train_y = (a[: flags_.train_examples] for a in train)
+    if flags_.eval_examples:
+        test_x, test_y = (a[: flags_.eval_examples] for a in test)
+    image_size = flags_.image_size or train_x.shape[1]
+    common = dict(image_size=image_size, augmentation=flags_.augmentation,
+                  seed=flags_.seed)
+    train_input = data.ArrayInput(train_x, train_y, global_batch_size, True,
+                                  **common)
+    eval_input = data.ArrayInput(test_x, test_y, eval_batch_size, False,
+                                 **common)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    return (train_input, eval_input,
+            (image_size, image_size, train_x.shape[-1]), num_classes)
+
+
+def build_model_fn(flags_, input_shape, num_classes):
+    from tpu_scripts import models
+
+    def model_fn():
+        if flags_.model == "resnet50":
+            return models.resnet50(input_shape, num_classes)
+        return models.small_resnet(
+            input_shape, num_classes,
+            widths=[int(w) for w in flags_.small_resnet_widths],
+            blocks_per_stage=flags_.small_resnet_blocks,
+            stem_stride=flags_.stem_stride,
+            sync_batchnorm=flags_.sync_batchnorm,
+        )
+
+    return model_fn
+
+
+def _explicit(flags_, name):
+    """Whether flag `name` was given (absl: on the command line; a plain
+    namespace, as the tests and the sweep use: not None)."""
+    if isinstance(flags_, flags.FlagValues):
+        return flags_[name].present > 0
+    return getattr(flags_, name, None) is not None
+
+
+# Recipe -> the optimizers it is defined for (keras_lamb.recipes).
+RECIPE_OPTIMIZERS = {
+    "mlperf": ("lars",),
+    "goyal": ("momentum", "nesterov"),
+    "lamb_paper": ("lamb",),
+}
+# Flags that override a recipe optimizer's config entry of the same name.
+CONFIG_FLAGS = ("momentum", "beta_1", "beta_2", "epsilon",
+                "trust_coefficient", "clip_trust_ratio",
+                "exclude_from_weight_decay", "exclude_from_layer_adaptation")
+SCHEDULE_FLAGS = ("learning_rate", "base_learning_rate", "lr_scaling",
+                  "warmup_epochs", "decay", "decay_power", "end_learning_rate")
+
+
+def optimizer_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
+    """How the run optimizes: a dict with `optimizer_fn` (call it inside
+    `strategy.scope()`), `settings` (every number, for logs and
+    results.json), `l2_in_loss` and `label_smoothing`.
+
+    `--recipe=none`: the flags, with `OPTIMIZER_DEFAULTS` for those left
+    unset. Otherwise the recipe from `keras_lamb.recipes`, with every flag
+    given explicitly overriding it.
+    """
+    if flags_.recipe != "none":
+        return _recipe_plan(flags_, steps_per_epoch, train_steps,
+                            track_trust_ratios)
+    import keras
+
+    from tpu_scripts.optimizers import (
+        l2_in_loss,
+        make_optimizer,
+        make_schedule,
+        scale_learning_rate,
+    )
+
+    defaults = OPTIMIZER_DEFAULTS[flags_.optimizer]
+
+    def pick(name):
+        value = getattr(flags_, name)
+        return defaults[name] if value is None else value
+
+    learning_rate = flags_.learning_rate
+    if learning_rate is None:
+        learning_rate = scale_learning_rate(
+            pick("base_learning_rate"), flags_.base_batch_size,
+            flags_.global_batch_size, pick("lr_scaling"),
+        )
+    settings = dict(
+        recipe="none",
+        optimizer=flags_.optimizer,
+        peak_learning_rate=learning_rate,
+        warmup_steps=_warmup_steps(flags_.warmup_epochs, steps_per_epoch,
+                                   train_steps),
+        total_steps=train_steps,
+        decay=pick("decay"),
+        decay_power=flags_.decay_power,
+        end_learning_rate=flags_.end_learning_rate,
+        momentum=flags_.momentum,
+        beta_1=flags_.beta_1,
+        beta_2=flags_.beta_2,
+        epsilon=flags_.epsilon,
+        weight_decay=pick("weight_decay"),
+        trust_coefficient=flags_.trust_coefficient,
+        clip_trust_ratio=flags_.clip_trust_ratio,
+        exclude_from_weight_decay=flags_.exclude_from_weight_decay,
+        exclude_from_layer_adaptation=flags_.exclude_from_layer_adaptation,
+    )
+
+    def optimizer_fn():
+        schedule = make_schedule(
+            learning_rate, train_steps, settings["warmup_steps"],
+            decay=settings["decay"], power=settings["decay_power"],
+            end_learning_rate=settings["end_learning_rate"],
+        )
+        optimizer = make_optimizer(
+            flags_.optimizer, schedule,
+            track_trust_ratios=track_trust_ratios,
+            **{k: settings[k] for k in (
+                "momentum", "beta_1", "beta_2", "epsilon", "weight_decay",
+                "trust_coefficient", "clip_trust_ratio",
+                "exclude_from_weight_decay", "exclude_from_layer_adaptation",
+            )},
+        )
+        return _maybe_loss_scale(optimizer, flags_.mixed_precision, keras)
+
+    return dict(
+        optimizer_fn=optimizer_fn,
+        settings=settings,
+        l2_in_loss=l2_in_loss(flags_.optimizer, settings["weight_decay"]),
+        label_smoothing=flags_.label_smoothing or 0.0,
+    )
+
+
+def _warmup_steps(warmup_epochs, steps_per_epoch, train_steps):
+    return min(int(round(warmup_epochs * steps_per_epoch)),
+               max(train_steps - 1, 0))
+
+
+def _maybe_loss_scale(optimizer, mixed_precision, keras):
+    if mixed_precision == "float16":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _recipe_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
+    # Imported here: the rest of the script works without the recipes.
+    try:
+        from keras_lamb import recipes
+    except ImportError as e:
+        raise ValueError(
+            f"--recipe={flags_.recipe} needs keras_lamb.recipes, which this "
+            f"keras_lamb does not have ({e}). Use --recipe=none."
+        ) from None
+    import keras
+
+    from tpu_scripts.optimizers import make_schedule
+
+    recipe, name = flags_.recipe, flags_.optimizer
+    if name not in RECIPE_OPTIMIZERS[recipe]:
+        raise ValueError(
+            f"--recipe={recipe} is defined for --optimizer="
+            f"{'|'.join(RECIPE_OPTIMIZERS[recipe])}, not --optimizer={name}."
+        )
+    batch, epochs = flags_.global_batch_size, train_steps / steps_per_epoch
+    explicit = {n for n in CONFIG_FLAGS + SCHEDULE_FLAGS + ("weight_decay",)
+                if _explicit(flags_, n)}
+    l2, recipe_kwargs = 0.0, {}
+    if recipe == "goyal":
+        # Goyal et al. add weight_decay * w to the gradient (L2 in the loss);
+        # the recipe's SGD decays decoupled, so, as its docstring advises,
+        # decay goes into the loss instead (skipping the excluded paths).
+        l2 = (flags_.weight_decay if "weight_decay" in explicit
+              else recipes.GOYAL_SETTINGS["weight_decay"])
+        recipe_kwargs = dict(weight_decay=0.0, nesterov=name == "nesterov")
+    elif "weight_decay" in explicit:
+        recipe_kwargs["weight_decay"] = flags_.weight_decay
+    if recipe in ("mlperf", "lamb_paper"):
+        recipe_kwargs["track_trust_ratios"] = track_trust_ratios
+    if recipe == "mlperf" and "momentum" in explicit:
+        recipe_kwargs["momentum"] = flags_.momentum
+        explicit.discard("momentum")
+    if recipe == "lamb_paper":
+        # The LAMB paper's table is for BERT; its exclusions name LayerNorm.
+        # A ResNet needs batch norm excluded: use the script's regexes.
+        explicit |= {"exclude_from_weight_decay",
+                     "exclude_from_layer_adaptation"}
+
+    def call_recipe():
+        if recipe == "mlperf":
+            return recipes.lars_resnet50(batch, epochs, steps_per_epoch,
+                                         **recipe_kwargs)
+        if recipe == "goyal":
+            return recipes.goyal_momentum(batch, epochs, steps_per_epoch,
+                                          **recipe_kwargs)
+        return recipes.lamb_bert(batch, total_steps=train_steps,
+                                 **recipe_kwargs)
+
+    _, _, notes = call_recipe()  # the numbers, for logs (outside the scope)
+    settings = dict(recipe=recipe, optimizer=name, **notes)
+    if l2:
+        settings.update(weight_decay=l2, weight_decay_mode=(
+            "L2 in the loss (coupled), as in Goyal et al."))
+    overrides = {n: getattr(flags_, n) for n in CONFIG_FLAGS
+                 if n in explicit}
+    schedule_overrides = {n for n in SCHEDULE_FLAGS if n in explicit}
+    if schedule_overrides:
+        settings.update(
+            peak_learning_rate=(flags_.learning_rate
+                                if flags_.learning_rate is not None
+                                else notes["peak_learning_rate"]),
+            warmup_steps=(
+                _warmup_steps(flags_.warmup_epochs, steps_per_epoch,
+                              train_steps)
+                if "warmup_epochs" in explicit else notes["warmup_steps"]),
+            decay=flags_.decay or "polynomial",
+            decay_power=(flags_.decay_power if "decay_power" in explicit
+                         else notes.get("decay_power", 2.0)),
+            end_learning_rate=(flags_.end_learning_rate
+                               if "end_learning_rate" in explicit
+                               else notes.get("end_learning_rate", 0.0)),
+            schedule_overridden_by=sorted(schedule_overrides),
+        )
+    settings.update(overrides)
+
+    def optimizer_fn():
+        optimizer, schedule, _ = call_recipe()
+        if schedule_overrides:
+            schedule = make_schedule(
+                settings["peak_learning_rate"], train_steps,
+                settings["warmup_steps"], decay=settings["decay"],
+                power=settings["decay_power"],
+                end_learning_rate=settings["end_learning_rate"],
+            )
+        if overrides or schedule_overrides:
+            config = optimizer.get_config()
+            unknown = sorted(set(overrides) - set(config))
+            if unknown:
+                raise ValueError(
+                    f"--{', --'.join(unknown)} do(es) not apply to "
+                    f"--recipe={recipe}'s {type(optimizer).__name__}."
+                )
+            config.update(overrides, learning_rate=schedule)
+            optimizer = type(optimizer).from_config(config)
+        return _maybe_loss_scale(optimizer, flags_.mixed_precision, keras)
+
+    label_smoothing = (flags_.label_smoothing
+                       if flags_.label_smoothing is not None
+                       else notes.get("label_smoothing", 0.0))
+    return dict(optimizer_fn=optimizer_fn, settings=settings, l2_in_loss=l2,
+                label_smoothing=label_smoothing)
+
+
+def flag_values_dict(flags_):
+    """Every flag `define_flags` defines and its value (for results.json)."""
+    if isinstance(flags_, flags.FlagValues):
+        return {name: flags_[name].value for name in sorted(SCRIPT_FLAGS)}
+    return dict(vars(flags_))
+
+
+def run(flags_, log=print):
+    """Trains and evaluates as the flags say; returns the results dict."""
+    import tensorflow as tf
+
+    start = time.time()
+    distribute.configure_cpu_devices(flags_.num_cpu_devices)  # before all
+    if flags_.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
+                                       flags_.collective)
+    distribute.set_mixed_precision(flags_.mixed_precision)
+    import keras
+
+    from tpu_scripts.trainer import ClassificationTask, Trainer
+
+    keras.utils.set_random_seed(flags_.seed)
+    is_chief = distribute.is_chief(strategy)
+    log = log if is_chief else (lambda *a, **k: None)
+    global_batch_size = flags_.global_batch_size
+    distribute.per_replica_batch_size(global_batch_size,
+                                      strategy.num_replicas_in_sync)
+    eval_batch_size = flags_.eval_batch_size or global_batch_size
+    distribute.per_replica_batch_size(eval_batch_size,
+                                      strategy.num_replicas_in_sync)
+    log(f"Strategy: {flags_.strategy} ({type(strategy).__name__}), "
+        f"{strategy.num_replicas_in_sync} replicas; global batch "
+        f"{global_batch_size}, "
+        f"{global_batch_size // strategy.num_replicas_in_sync} per replica.")
+    train_input, eval_input, input_shape, num_classes = build_inputs(
+        flags_, global_batch_size, eval_batch_size, log=log
+    )
+    steps_per_epoch = train_input.steps_per_epoch
+    train_steps = flags_.train_steps or max(
+        1, int(round(flags_.epochs * steps_per_epoch))
+    )
+    track = flags_.track_trust_ratios and flags_.optimizer in ("lars", "lamb")
+    plan = optimizer_plan(flags_, steps_per_epoch, train_steps, track)
+    settings = plan["settings"]
+    log("Optimizer: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    task = ClassificationTask(
+        build_model_fn(flags_, input_shape, num_classes), num_classes,
+        label_smoothing=plan["label_smoothing"],
+        l2_weight_decay=plan["l2_in_loss"],
+        l2_exclude=flags_.exclude_from_weight_decay,
+    )
+    trainer = Trainer(
+        strategy, task, plan["optimizer_fn"], global_batch_size,
+        model_dir=flags_.model_dir, steps_per_loop=flags_.steps_per_loop,
+        jit_compile=flags_.jit_compile, log=log,
+    )
+    eval_every_steps = int(round(flags_.eval_every * steps_per_epoch))
+    outcome = trainer.train(
+        train_input, train_steps, eval_input=eval_input,
+        eval_every_steps=eval_every_steps,
+        checkpoint_every_steps=flags_.checkpoint_every,
+    )
+    results = {
+        "top1": outcome["eval"].get("accuracy"),
+        "eval_loss": outcome["eval"].get("loss"),
+        "train": outcome["train"],
+        "steps": outcome["step"],
+        "epochs": outcome["step"] / steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "wall_seconds": time.time() - start,
+        "train_seconds": outcome["train_seconds"],
+        "images_per_second": outcome["images_per_second"],
+        "num_replicas": strategy.num_replicas_in_sync,
+        "optimizer_settings": settings,
+        "flags": flag_values_dict(flags_),
+    }
+    if is_chief:
+        path = flags_.results_json or os.path.join(
+            flags_.model_dir or ".", "results.json"
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        log(f"top-1 {results['top1']:.4f} after {results['steps']} steps "
+            f"({results['epochs']:.2f} epochs), "
+            f"{results['images_per_second']:.0f} images/s; wrote {path}.")
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    run(flags.FLAGS)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
