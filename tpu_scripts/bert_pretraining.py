@@ -1,0 +1,762 @@
+"""BERT pre-training (masked LM + next sentence) on the shared trainer.
+
+`run(flags_)` is what `bert_pretrain.py` runs; it takes the script's flags
+(or any object with the same attributes). The pieces:
+
+- `plan_hyperparameters`: a recipe's numbers (`keras_lamb.recipes`) with
+  every value a flag sets explicitly overriding the recipe's;
+- `make_optimizer`: LAMB, LARS, AdamW or Adam with a warmup + polynomial
+  decay schedule, clipping and the BERT exclusions, optionally accumulating
+  gradients over several steps; `make_training_optimizer` adds two fixes
+  for Keras 3 under the trainer (dense embedding gradients, the global-norm
+  clip after the cross-replica all-reduce; see their functions);
+- `BertPretrainingTask`: the loss and metrics for `trainer.Trainer`.
+
+Gradient accumulation. With `gradient_accumulation_steps=k` each trainer step
+runs a micro-batch of `global_batch_size / k` examples and the optimizer
+(Keras's `gradient_accumulation_steps`) updates the weights every k steps
+with the mean of the k micro-batch gradients. Each micro-batch loss is the
+mean of per-example losses, so that mean gradient is exactly the gradient of
+the mean loss over all `global_batch_size` examples: BERT has no BatchNorm
+(nothing couples the examples of a micro-batch) and, with dropout off, the
+k-step update equals one step on the whole batch up to float summation order
+(`tests/test_bert_pretraining.py` checks this). With dropout on, the masks
+differ but are drawn from the same distribution. Learning-rate schedules are
+written in optimizer updates and wrapped in `UpdateStepSchedule`, because
+Keras evaluates them at the micro-step count.
+
+Loss. Per example: the mean cross-entropy over its masked positions plus the
+next-sentence cross-entropy; the batch loss is the mean over examples.
+google-research/bert instead divides the summed masked-LM loss by the number
+of masked positions in the (per-core) batch; with a fixed number of
+predictions per full-length sequence the two agree, and the per-example form
+does not depend on the replica count or on gradient accumulation.
+"""
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_lamb
+from keras_lamb import recipes
+from keras_lamb.schedules import warmup_polynomial_decay
+from tpu_scripts import bert_data, bert_models, distribute, trainer
+
+OPTIMIZER_NAMES = ("lamb", "adamw", "adam", "lars")
+RECIPE_NAMES = ("lamb_paper", "lamb_64k_32k", "nvidia", "none")
+
+# Masked positions per sequence in google-research/bert's data for the two
+# sequence lengths of the two-phase recipes.
+MAX_PREDICTIONS = {128: 20, 512: 80}
+
+# NVIDIA DeepLearningExamples PyTorch BERT, `scripts/run_pretraining.sh`
+# (DGX-1, 8 GPUs): the 64k/32k batches are reached by accumulating 128 (phase
+# 1) and 512 (phase 2) steps of 8 x 64 and 8 x 8 sequences.
+NVIDIA_ACCUMULATION_STEPS = {1: 128, 2: 512}
+
+# `--recipe=none` defaults: BERT's Adam(W) settings (Devlin et al.).
+DEFAULTS = dict(
+    learning_rate=1e-4, warmup_ratio=0.01, decay_power=1.0,
+    end_learning_rate=0.0, weight_decay=0.01, beta_1=0.9, beta_2=0.999,
+    epsilon=1e-6, clipnorm=1.0, momentum=0.9, trust_coefficient=1e-3,
+)
+# Hyperparameter flags: `None` means "the recipe's (or DEFAULTS') value".
+HYPERPARAMETER_FLAGS = (
+    "learning_rate", "warmup_steps", "decay_power", "end_learning_rate",
+    "weight_decay", "beta_1", "beta_2", "epsilon", "clipnorm", "momentum",
+    "trust_coefficient",
+)
+
+
+@keras.saving.register_keras_serializable(package="tpu_scripts")
+class UpdateStepSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Evaluates `schedule` at the optimizer-update count.
+
+    Keras evaluates learning-rate schedules at the *micro-step* count when an
+    optimizer accumulates gradients; this wrapper divides it by
+    `gradient_accumulation_steps`, so a schedule written in updates (warmup
+    steps, total steps of a recipe) keeps its meaning.
+    """
+
+    def __init__(self, schedule, gradient_accumulation_steps):
+        super().__init__()
+        self.schedule = schedule
+        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
+
+    def __call__(self, step):
+        step = keras.ops.convert_to_tensor(step)
+        return self.schedule(
+            keras.ops.floor_divide(step, self.gradient_accumulation_steps)
+        )
+
+    def get_config(self):
+        return {
+            "schedule": keras.saving.serialize_keras_object(self.schedule),
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.saving.deserialize_keras_object(
+            config["schedule"]
+        )
+        return cls(**config)
+
+
+# ----------------------------------------------------------------------------
+# Hyperparameters
+
+
+def _recipe_numbers(recipe, phase, global_batch_size, train_steps,
+                    weight_decay):
+    """The recipe's numbers: a dict of hyperparameters (update units)."""
+    if recipe == "lamb_paper":
+        _, _, notes = recipes.lamb_bert(
+            global_batch_size, total_steps=train_steps,
+            **({} if weight_decay is None else {"weight_decay": weight_decay}),
+        )
+        return dict(
+            source=notes["source"], global_batch_size=global_batch_size,
+            train_steps=notes["total_steps"],
+            learning_rate=notes["peak_learning_rate"],
+            warmup_steps=notes["warmup_steps"],
+            decay_power=notes["decay_power"],
+            end_learning_rate=notes["end_learning_rate"],
+            weight_decay=notes["weight_decay"], epsilon=notes["epsilon"],
+            clipnorm=notes["global_clipnorm"],
+        )
+    if recipe in ("lamb_64k_32k", "nvidia"):
+        _, _, notes = recipes.lamb_bert_64k_32k()
+        if phase not in (1, 2):
+            raise ValueError(
+                f"--recipe={recipe} has phases 1 and 2. Received: "
+                f"--phase={phase}."
+            )
+        numbers = notes["phases"][phase - 1]
+        steps = numbers["steps"] if train_steps is None else train_steps
+        warmup = numbers["warmup_steps"] if train_steps is None else max(
+            1, round(numbers["warmup_ratio"] * steps)
+        )
+        plan = dict(
+            source=notes["source"],
+            global_batch_size=numbers["global_batch_size"],
+            max_seq_length=numbers["sequence_length"],
+            max_predictions_per_seq=MAX_PREDICTIONS[
+                numbers["sequence_length"]
+            ],
+            train_steps=steps, learning_rate=numbers["peak_learning_rate"],
+            warmup_steps=warmup, decay_power=notes["decay_power"],
+            end_learning_rate=notes["end_learning_rate"],
+            weight_decay=notes["weight_decay"], epsilon=notes["epsilon"],
+            clipnorm=notes["global_clipnorm"],
+        )
+        if recipe == "nvidia":
+            plan["gradient_accumulation_steps"] = (
+                NVIDIA_ACCUMULATION_STEPS[phase]
+            )
+        return plan
+    return dict(source="--recipe=none (BERT defaults, Devlin et al.)")
+
+
+def plan_hyperparameters(flags_):
+    """Every training hyperparameter: the recipe's, then explicit flags.
+
+    Returns a dict with `optimizer`, `global_batch_size` (examples per
+    optimizer update), `gradient_accumulation_steps`, `train_steps` and
+    `warmup_steps` (optimizer updates), `learning_rate` (peak), the
+    optimizer's settings, `max_seq_length`, `max_predictions_per_seq`,
+    `recipe`, `phase` and `source`.
+    """
+    distribute.check_choice("recipe", flags_.recipe, RECIPE_NAMES)
+    distribute.check_choice("optimizer", flags_.optimizer, OPTIMIZER_NAMES)
+    recipe = flags_.recipe
+    batch = flags_.global_batch_size
+    if recipe == "lamb_paper" and not batch:
+        raise ValueError("--recipe=lamb_paper needs --global_batch_size.")
+    plan = _recipe_numbers(recipe, flags_.phase, batch, flags_.train_steps,
+                           flags_.weight_decay)
+    plan.update(recipe=recipe, phase=flags_.phase, optimizer=flags_.optimizer)
+    for name in ("global_batch_size", "train_steps", "max_seq_length",
+                 "max_predictions_per_seq", "gradient_accumulation_steps"):
+        value = getattr(flags_, name)
+        if value:
+            plan[name] = value
+    plan.setdefault("gradient_accumulation_steps", 1)
+    for name, value in DEFAULTS.items():
+        if name != "warmup_ratio":
+            plan.setdefault(name, value)
+    for name in HYPERPARAMETER_FLAGS:
+        value = getattr(flags_, name)
+        if value is not None:
+            plan[name] = value
+    if not plan.get("max_predictions_per_seq"):
+        plan["max_predictions_per_seq"] = MAX_PREDICTIONS.get(
+            plan.get("max_seq_length"))
+    for name in ("global_batch_size", "train_steps", "max_seq_length",
+                 "max_predictions_per_seq"):
+        if not plan.get(name):
+            raise ValueError(f"--{name} is required with --recipe={recipe}.")
+    if "warmup_steps" not in plan:
+        plan["warmup_steps"] = max(
+            1, round(DEFAULTS["warmup_ratio"] * plan["train_steps"])
+        )
+    if not 1 <= plan["warmup_steps"] < plan["train_steps"]:
+        raise ValueError(
+            f"--warmup_steps must be in [1, train_steps={plan['train_steps']})"
+            f". Received: {plan['warmup_steps']}."
+        )
+    k = plan["gradient_accumulation_steps"]
+    if k < 1 or plan["global_batch_size"] % k:
+        raise ValueError(
+            f"--global_batch_size={plan['global_batch_size']} must be a "
+            f"multiple of --gradient_accumulation_steps={k} (>= 1)."
+        )
+    plan["micro_batch_size"] = plan["global_batch_size"] // k
+    return plan
+
+
+# ----------------------------------------------------------------------------
+# Optimizer
+
+
+def make_schedule(plan):
+    """Linear warmup to the peak, then polynomial decay at the global step
+    (the BERT reference code's and the LAMB recipes' schedule)."""
+    schedule = warmup_polynomial_decay(
+        plan["learning_rate"], plan["train_steps"], plan["warmup_steps"],
+        end_learning_rate=plan["end_learning_rate"],
+        power=plan["decay_power"],
+    )
+    k = plan["gradient_accumulation_steps"]
+    return UpdateStepSchedule(schedule, k) if k > 1 else schedule
+
+
+def make_optimizer(plan, track_trust_ratios=False, mixed_precision="none"):
+    """The optimizer `plan` describes (call inside `strategy.scope()`).
+
+    LayerNorm parameters and biases are excluded from weight decay (all
+    optimizers) and from layer adaptation (LAMB, LARS), as in the LAMB
+    recipes (`keras_lamb.recipes.BERT_EXCLUDE`).
+    """
+    k = plan["gradient_accumulation_steps"]
+    common = dict(
+        learning_rate=make_schedule(plan),
+        global_clipnorm=plan["clipnorm"] or None,
+        gradient_accumulation_steps=k if k > 1 else None,
+    )
+    name = plan["optimizer"]
+    exclude = recipes.BERT_EXCLUDE
+    if name == "lamb":
+        optimizer = keras_lamb.LAMB(
+            beta_1=plan["beta_1"], beta_2=plan["beta_2"],
+            epsilon=plan["epsilon"], weight_decay=plan["weight_decay"],
+            exclude_from_weight_decay=exclude,
+            exclude_from_layer_adaptation=exclude,
+            track_trust_ratios=track_trust_ratios, **common,
+        )
+    elif name == "lars":
+        optimizer = keras_lamb.LARS(
+            momentum=plan["momentum"], weight_decay=plan["weight_decay"],
+            trust_coefficient=plan["trust_coefficient"],
+            exclude_from_weight_decay=exclude,
+            exclude_from_layer_adaptation=exclude,
+            track_trust_ratios=track_trust_ratios, **common,
+        )
+    elif name == "adamw":
+        optimizer = keras.optimizers.AdamW(
+            weight_decay=plan["weight_decay"], beta_1=plan["beta_1"],
+            beta_2=plan["beta_2"], epsilon=plan["epsilon"], **common,
+        )
+        # Keras matches `var_names` against `variable.name` (gamma, beta,
+        # bias, output_bias in keras-hub's BERT).
+        optimizer.exclude_from_weight_decay(
+            var_names=["gamma", "beta", "bias"]
+        )
+    elif name == "adam":
+        optimizer = keras.optimizers.Adam(
+            beta_1=plan["beta_1"], beta_2=plan["beta_2"],
+            epsilon=plan["epsilon"], **common,
+        )
+    else:
+        distribute.check_choice("optimizer", name, OPTIMIZER_NAMES)
+    if mixed_precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def clip_after_all_reduce(optimizer):
+    """Makes `global_clipnorm` clip the all-reduced (global) gradient.
+
+    Keras 3 under `tf.distribute` clips each replica's gradient *before* the
+    cross-replica all-reduce (`_backend_apply_gradients` clips, then
+    `_backend_update_step` all-reduces), so with R replicas each of them sees
+    about 1/R of the global gradient and `global_clipnorm=1.0` hardly ever
+    clips: training differs from one device with the same global batch.
+    This moves the clip after the all-reduce, onto the gradient of the global
+    mean loss, as google-research/bert clips. The optimizer (the inner one of
+    a `LossScaleOptimizer`) is changed in place and returned. With one
+    replica Keras's own clipping is already right and nothing is changed.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    clipnorm = inner.global_clipnorm
+    if not clipnorm:
+        return optimizer
+    inner.global_clipnorm = None  # no per-replica clip
+    all_reduce = inner._all_reduce_sum_gradients
+
+    def all_reduce_then_clip(grads_and_vars):
+        reduced = all_reduce(grads_and_vars)
+        grads, _ = tf.clip_by_global_norm([g for g, _ in reduced], clipnorm)
+        return [(g, v) for g, (_, v) in zip(grads, reduced)]
+
+    inner._all_reduce_sum_gradients = all_reduce_then_clip
+    return optimizer
+
+
+def densify_sparse_gradients(optimizer):
+    """Converts `tf.IndexedSlices` gradients to dense before `apply`.
+
+    The gradient of an embedding lookup (here the segment embedding; the
+    token embedding is tied to the masked-LM output, so its gradient is
+    already dense) is a `tf.IndexedSlices` with one row per token, so its
+    indices repeat. Keras 3.15 (TensorFlow backend) squares such gradients
+    row by row, so Adam's second moment gets `sum(g_i**2)` instead of
+    `(sum g_i)**2`, and `global_clipnorm` measures `sqrt(sum ||g_i||**2)`
+    instead of the norm of the summed gradient: both wrong, and by a factor
+    that grows with the batch (gradient accumulation, which sums into dense
+    buffers, disagrees with one large batch). keras_lamb's LAMB and LARS
+    densify gradients themselves; this makes AdamW, Adam and the clipping
+    right too. The embedding tables here are small (2 and 512 rows), and
+    google-research/bert uses dense (one-hot) embedding gradients on TPU
+    anyway. Patches `optimizer.apply` in place; returns the optimizer.
+    """
+    apply = optimizer.apply
+
+    def apply_dense(grads, trainable_variables=None):
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices)
+                 else g for g in grads]
+        return apply(grads, trainable_variables)
+
+    optimizer.apply = apply_dense
+    return optimizer
+
+
+def make_training_optimizer(plan, num_replicas, track_trust_ratios=False,
+                            mixed_precision="none"):
+    """`make_optimizer` ready for `trainer.Trainer`: dense gradients
+    (`densify_sparse_gradients`) and, on several replicas, the global-norm
+    clip after the all-reduce (`clip_after_all_reduce`)."""
+    optimizer = densify_sparse_gradients(
+        make_optimizer(plan, track_trust_ratios, mixed_precision)
+    )
+    if num_replicas > 1:
+        optimizer = clip_after_all_reduce(optimizer)
+    return optimizer
+
+
+# ----------------------------------------------------------------------------
+# Task
+
+
+class BertPretrainingTask(trainer.Task):
+    """Masked-LM + next-sentence loss and metrics on google-research/bert
+    feature dicts (see the module doc for the loss)."""
+
+    MODEL_INPUTS = ("input_ids", "input_mask", "segment_ids",
+                    "masked_lm_positions")
+
+    def __init__(self, model_fn):
+        self.model_fn = model_fn
+
+    def build_model(self):
+        return self.model_fn()
+
+    def build_metrics(self):
+        return {
+            "mlm_accuracy": keras.metrics.SparseCategoricalAccuracy(
+                "mlm_accuracy"
+            ),
+            "nsp_accuracy": keras.metrics.SparseCategoricalAccuracy(
+                "nsp_accuracy"
+            ),
+            "mlm_loss": keras.metrics.Mean("mlm_loss"),
+            "nsp_loss": keras.metrics.Mean("nsp_loss"),
+        }
+
+    def compute_loss(self, model, batch, training):
+        outputs = model({k: batch[k] for k in self.MODEL_INPUTS},
+                        training=training)
+        mlm_logits = tf.cast(outputs["mlm_logits"], tf.float32)
+        nsp_logits = tf.cast(outputs["nsp_logits"], tf.float32)
+        weights = tf.cast(batch["masked_lm_weights"], tf.float32)
+        mlm_xent = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            batch["masked_lm_ids"], mlm_logits
+        )
+        mlm_loss = tf.math.divide_no_nan(
+            tf.reduce_sum(mlm_xent * weights, axis=-1),
+            tf.reduce_sum(weights, axis=-1),
+        )
+        nsp_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            batch["next_sentence_labels"][:, 0], nsp_logits
+        )
+        per_example = mlm_loss + nsp_loss
+        example_weights = self.example_weights(batch)
+        if example_weights is not None:
+            per_example *= example_weights
+        return per_example, dict(
+            mlm_logits=mlm_logits, nsp_logits=nsp_logits,
+            mlm_loss=mlm_loss, nsp_loss=nsp_loss,
+        )
+
+    def example_weights(self, batch):
+        return batch.get("example_weight")
+
+    def update_metrics(self, metrics, batch, outputs):
+        example_weights = self.example_weights(batch)
+        mlm_weights = tf.cast(batch["masked_lm_weights"], tf.float32)
+        if example_weights is not None:
+            mlm_weights *= example_weights[:, None]
+        metrics["mlm_accuracy"].update_state(
+            batch["masked_lm_ids"], outputs["mlm_logits"],
+            sample_weight=mlm_weights,
+        )
+        metrics["nsp_accuracy"].update_state(
+            batch["next_sentence_labels"][:, 0], outputs["nsp_logits"],
+            sample_weight=example_weights,
+        )
+        metrics["mlm_loss"].update_state(
+            outputs["mlm_loss"], sample_weight=example_weights
+        )
+        metrics["nsp_loss"].update_state(
+            outputs["nsp_loss"], sample_weight=example_weights
+        )
+
+
+# ----------------------------------------------------------------------------
+# Inputs and the run
+
+
+def build_train_input(flags_, plan):
+    """The training input function (`bert_data.ArrayInput` or
+    `bert_data.RecordInput`) for micro-batches of `plan`."""
+    files = bert_data.expand_patterns(flags_.input_files)
+    seq, preds = plan["max_seq_length"], plan["max_predictions_per_seq"]
+    metadata = bert_data.read_metadata(files)
+    if metadata and (metadata["max_seq_length"], metadata[
+            "max_predictions_per_seq"]) != (seq, preds):
+        raise ValueError(
+            f"The records in {os.path.dirname(files[0])} have "
+            f"max_seq_length={metadata['max_seq_length']} and "
+            f"max_predictions_per_seq={metadata['max_predictions_per_seq']};"
+            f" the run expects {seq} and {preds}. Pass --max_seq_length and "
+            "--max_predictions_per_seq to match the data."
+        )
+    if flags_.in_memory:
+        features = bert_data.load_records(files, seq, preds)
+        return bert_data.ArrayInput(features, plan["micro_batch_size"],
+                                    training=True, seed=flags_.seed)
+    num_examples = flags_.num_train_examples or (
+        metadata["num_examples"] if metadata
+        and len(metadata["files"]) == len(files)
+        else bert_data.count_records(files)
+    )
+    return bert_data.RecordInput(
+        files, plan["micro_batch_size"], seq, preds, num_examples,
+        seed=flags_.seed, shuffle_buffer=flags_.shuffle_buffer,
+    )
+
+
+def build_model_fn(flags_, plan):
+    vocab_size = flags_.vocab_size or None
+    if flags_.vocab_file:
+        vocab_size = len(bert_data.load_vocabulary(flags_.vocab_file))
+    config = bert_models.load_bert_config(
+        flags_.bert_config, vocabulary_size=vocab_size,
+        dropout=flags_.dropout,
+    )
+    if plan["max_seq_length"] > config.max_sequence_length:
+        raise ValueError(
+            f"--max_seq_length={plan['max_seq_length']} exceeds the model's "
+            f"position embeddings ({config.max_sequence_length})."
+        )
+
+    def model_fn():
+        return bert_models.BertPretrainer(bert_models.build_backbone(config))
+
+    return model_fn, config
+
+
+def trust_ratio_summary(optimizer):
+    """min/median/max trust ratio over the layer-adapted variables."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not getattr(inner, "track_trust_ratios", False):
+        return None
+    stats = inner.trust_ratio_stats()
+    adapted = getattr(inner, "_apply_adaptation", None)
+    values = list(stats.values())
+    if adapted is not None and len(adapted) == len(values):
+        values = [v for v, a in zip(values, adapted) if a]
+    ratios = np.array([v["trust_ratio"] for v in values])
+    if not ratios.size:
+        return None
+    return dict(min=float(ratios.min()), median=float(np.median(ratios)),
+                max=float(ratios.max()))
+
+
+def weight_norm(model):
+    """Global L2 norm of the trainable weights (compare runs cheaply)."""
+    return float(math.sqrt(sum(
+        float(np.sum(np.square(keras.ops.convert_to_numpy(v), dtype="f8")))
+        for v in model.trainable_variables
+    )))
+
+
+def run(flags_, strategy=None, log=print):
+    """Pre-trains as `flags_` (the `bert_pretrain.py` flags) say.
+
+    Returns the results dict, also written to `results.json` in
+    `--model_dir` (or `--results_json`) by the chief.
+    """
+    return train(flags_, strategy, log)[1]
+
+
+def train(flags_, strategy=None, log=print):
+    """`run`, returning `(trainer, results)` (the trained model is
+    `trainer.model`)."""
+    start = time.time()
+    plan = plan_hyperparameters(flags_)
+    if strategy is None:
+        distribute.configure_cpu_devices(flags_.num_cpu_devices)
+        strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
+                                           flags_.collective)
+    distribute.set_mixed_precision(flags_.mixed_precision)
+    is_chief = distribute.is_chief(strategy)
+    log = log if is_chief else (lambda *a, **k: None)
+    k = plan["gradient_accumulation_steps"]
+    log(f"Strategy {flags_.strategy}: {strategy.num_replicas_in_sync} "
+        f"replica(s); {plan['global_batch_size']} sequences per update = {k} "
+        f"step(s) of {plan['micro_batch_size']}.")
+    log("Plan: " + ", ".join(f"{n}={v}" for n, v in plan.items()))
+    keras.utils.set_random_seed(flags_.seed)
+    train_input = build_train_input(flags_, plan)
+    eval_input = None
+    if flags_.eval_files:
+        eval_input = bert_data.ArrayInput(
+            bert_data.load_records(flags_.eval_files, plan["max_seq_length"],
+                                   plan["max_predictions_per_seq"]),
+            plan["micro_batch_size"], training=False,
+        )
+    model_fn, config = build_model_fn(flags_, plan)
+    track = flags_.track_trust_ratios and plan["optimizer"] in ("lamb", "lars")
+    loop = trainer.Trainer(
+        strategy, BertPretrainingTask(model_fn),
+        lambda: make_training_optimizer(
+            plan, strategy.num_replicas_in_sync, track,
+            flags_.mixed_precision),
+        plan["micro_batch_size"], model_dir=flags_.model_dir,
+        steps_per_loop=flags_.steps_per_loop * k,
+        jit_compile=flags_.jit_compile, log=log,
+    )
+    initialised_from = None
+    resuming = flags_.model_dir and tf.train.latest_checkpoint(
+        flags_.model_dir
+    )
+    if flags_.init_checkpoint and not resuming:
+        initialised_from = bert_models.load_pretrained_weights(
+            loop.model, flags_.init_checkpoint
+        )
+        log(f"Initialised the model from {initialised_from}.")
+    outcome = loop.train(
+        train_input, plan["train_steps"] * k, eval_input=eval_input,
+        eval_every_steps=flags_.eval_every_steps * k,
+        checkpoint_every_steps=flags_.save_checkpoints_steps * k,
+    )
+    results = dict(
+        train=outcome["train"],
+        eval=outcome["eval"],
+        optimizer_updates=outcome["step"] // k,
+        trainer_steps=outcome["step"],
+        examples_seen=outcome["step"] * plan["micro_batch_size"],
+        epochs=outcome["step"] / train_input.steps_per_epoch,
+        train_examples=train_input.num_examples,
+        train_seconds=outcome["train_seconds"],
+        wall_seconds=time.time() - start,
+        examples_per_second=outcome["images_per_second"],
+        final_learning_rate=loop.learning_rate(),
+        trust_ratios=trust_ratio_summary(loop.optimizer),
+        weight_norm=weight_norm(loop.model),
+        num_parameters=bert_models.count_parameters(loop.model),
+        num_replicas=strategy.num_replicas_in_sync,
+        initialised_from=initialised_from,
+        bert_config=config.__dict__,
+        plan=plan,
+        flags=flag_values_dict(flags_),
+    )
+    if is_chief:
+        path = flags_.results_json or (
+            os.path.join(flags_.model_dir, "results.json")
+            if flags_.model_dir else None
+        )
+        if path:
+            if os.path.dirname(path):  # gs:// paths included
+                tf.io.gfile.makedirs(os.path.dirname(path))
+            with tf.io.gfile.GFile(path, "w") as f:
+                json.dump(results, f, indent=2, default=str)
+            log(f"Wrote {path}.")
+    return loop, results
+
+
+def flag_values_dict(flags_):
+    """The script's flags and their values (for results.json)."""
+    from absl import flags
+
+    if isinstance(flags_, flags.FlagValues):
+        return {n: flags_[n].value for n in sorted(FLAG_NAMES) if n in flags_}
+    return dict(vars(flags_))
+
+
+# ----------------------------------------------------------------------------
+# Flags
+
+FLAG_NAMES = set()
+
+
+def define_flags(flag_values=None):
+    """Defines the flags of `bert_pretrain.py` on `flag_values` (default:
+    absl's global `FLAGS`)."""
+    from absl import flags
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    before = set(flag_values)
+    _define_flags(flags, dict(flag_values=flag_values))
+    FLAG_NAMES.update(set(flag_values) - before)
+
+
+def define_distribution_flags(flags, f):
+    """The strategy and precision flags shared by the BERT scripts."""
+    flags.DEFINE_enum(
+        "strategy", "default", distribute.STRATEGY_NAMES,
+        "tf.distribute strategy: tpu (TPUStrategy on --tpu), mirrored (all "
+        "local GPUs, else all logical CPUs), multi_worker_mirrored (cluster "
+        "from TF_CONFIG), one_device, default.", **f)
+    flags.DEFINE_string(
+        "tpu", "", "TPUClusterResolver name or grpc:// address of the TPU "
+        "(`local` on a TPU VM; empty: the TPU_NAME environment variable).",
+        **f)
+    flags.DEFINE_integer(
+        "num_cpu_devices", 0, "Split the host CPU into this many logical "
+        "devices before creating the strategy (multi-replica `mirrored` on "
+        "a CPU-only machine). 0 or 1: no split.", **f)
+    flags.DEFINE_enum(
+        "collective", "auto", ["auto", "ring", "nccl"],
+        "All-reduce implementation of multi_worker_mirrored.", **f)
+    flags.DEFINE_enum(
+        "mixed_precision", "none", distribute.MIXED_PRECISION_NAMES,
+        "bfloat16 (TPU), float16 (GPU; LossScaleOptimizer) or none.", **f)
+    flags.DEFINE_boolean(
+        "jit_compile", False, "XLA-compile each replica's forward and "
+        "backward pass (GPU/CPU; TPU always compiles).", **f)
+
+
+def _define_flags(flags, f):
+    define_distribution_flags(flags, f)
+    # Data.
+    flags.DEFINE_string(
+        "input_files", None, "Comma-separated globs of pre-training "
+        "TFRecords (google-research/bert features; gs:// allowed).", **f)
+    flags.DEFINE_string(
+        "eval_files", None, "Comma-separated globs of held-out TFRecords, "
+        "evaluated at the end (and every --eval_every_steps).", **f)
+    flags.DEFINE_integer(
+        "max_seq_length", None, "Sequence length of the records (default: "
+        "the recipe's phase, 128 or 512).", **f)
+    flags.DEFINE_integer(
+        "max_predictions_per_seq", None, "Masked positions per record "
+        "(default: 20 at length 128, 80 at 512).", **f)
+    flags.DEFINE_integer(
+        "num_train_examples", 0, "Records in --input_files (0: read "
+        "metadata.json beside them, else count them).", **f)
+    flags.DEFINE_boolean(
+        "in_memory", False, "Load the records into host memory: exact "
+        "epochs and exact resume (small corpora).", **f)
+    flags.DEFINE_integer(
+        "shuffle_buffer", 100_000, "Shuffle buffer of streamed records.", **f)
+    # Model.
+    flags.DEFINE_string(
+        "bert_config", "base", "tiny, mini, small, medium, base, large, or a "
+        "JSON file (google-research/bert bert_config.json keys).", **f)
+    flags.DEFINE_string(
+        "vocab_file", None, "WordPiece vocabulary of the records; sets the "
+        "vocabulary size.", **f)
+    flags.DEFINE_integer(
+        "vocab_size", 0, "Vocabulary size when there is no --vocab_file "
+        "(0: the config's).", **f)
+    flags.DEFINE_float(
+        "dropout", None, "Dropout rate (default: the config's, 0.1).", **f)
+    flags.DEFINE_string(
+        "init_checkpoint", None, "Checkpoint (prefix or model_dir) whose "
+        "model weights start the run, e.g. phase 1's model_dir for phase 2. "
+        "The optimizer and the step start fresh.", **f)
+    # Optimisation.
+    flags.DEFINE_enum(
+        "recipe", "none", RECIPE_NAMES,
+        "lamb_paper: the LAMB paper's table at --global_batch_size; "
+        "lamb_64k_32k: the two-phase 64k/32k recipe, phase --phase; nvidia: "
+        "the same phases reached with NVIDIA's gradient accumulation "
+        "(128 / 512 steps); none: the flags below.", **f)
+    flags.DEFINE_integer("phase", 1, "Phase of lamb_64k_32k / nvidia.", **f)
+    flags.DEFINE_enum("optimizer", "lamb", OPTIMIZER_NAMES, "Optimizer.", **f)
+    flags.DEFINE_integer(
+        "global_batch_size", None, "Sequences per optimizer update over all "
+        "replicas (default: the recipe's).", **f)
+    flags.DEFINE_integer(
+        "gradient_accumulation_steps", None, "Steps whose gradients are "
+        "averaged per update; each step runs global_batch_size / this "
+        "sequences (default: 1, nvidia: 128 / 512).", **f)
+    flags.DEFINE_integer(
+        "train_steps", None, "Optimizer updates (default: the recipe's).",
+        **f)
+    flags.DEFINE_float("learning_rate", None, "Peak learning rate.", **f)
+    flags.DEFINE_integer(
+        "warmup_steps", None, "Linear warmup, in updates (default: the "
+        "recipe's, else 1 %% of --train_steps).", **f)
+    flags.DEFINE_float(
+        "decay_power", None, "Power of the polynomial decay to "
+        "--end_learning_rate (1: linear, BERT; 0.5: NVIDIA).", **f)
+    flags.DEFINE_float("end_learning_rate", None, "Final rate.", **f)
+    flags.DEFINE_float("weight_decay", None, "Weight decay (0.01; adam: "
+                       "none).", **f)
+    flags.DEFINE_float("beta_1", None, "Adam/LAMB beta_1 (0.9).", **f)
+    flags.DEFINE_float("beta_2", None, "Adam/LAMB beta_2 (0.999).", **f)
+    flags.DEFINE_float("epsilon", None, "Adam/LAMB epsilon (1e-6).", **f)
+    flags.DEFINE_float(
+        "clipnorm", None, "Global gradient-norm clip (1.0; 0: none).", **f)
+    flags.DEFINE_float("momentum", None, "LARS momentum (0.9).", **f)
+    flags.DEFINE_float(
+        "trust_coefficient", None, "LARS trust coefficient (1e-3).", **f)
+    flags.DEFINE_boolean(
+        "track_trust_ratios", True, "LAMB/LARS: log per-variable trust "
+        "ratios and norms to TensorBoard.", **f)
+    # Loop, checkpoints, logs.
+    flags.DEFINE_string(
+        "model_dir", None, "Checkpoints, TensorBoard logs, results.json; "
+        "a run resumes from its latest checkpoint.", **f)
+    flags.DEFINE_integer(
+        "steps_per_loop", 100, "Updates per compiled loop (and per log "
+        "line and TensorBoard point).", **f)
+    flags.DEFINE_integer(
+        "save_checkpoints_steps", 1000, "Checkpoint every this many "
+        "updates (and at the end).", **f)
+    flags.DEFINE_integer(
+        "eval_every_steps", 0, "Evaluate --eval_files every this many "
+        "updates (0: at the end only).", **f)
+    flags.DEFINE_integer("seed", 0, "Seed of weights and shuffling.", **f)
+    flags.DEFINE_string(
+        "results_json", None, "Where to write results.json (default: "
+        "--model_dir/results.json).", **f)

@@ -1,0 +1,227 @@
+r"""Fine-tunes a pre-trained BERT on SQuAD v1.1 and reports EM / F1.
+
+From a `bert_pretrain.py` phase-2 checkpoint, on a TPU, with TFDS
+`squad/v1.1` (downloaded by TFDS into --tfds_data_dir):
+
+    python -m tpu_scripts.run_squad --strategy=tpu --tpu=my-tpu \
+      --init_checkpoint=gs://my-bucket/bert/phase2 \
+      --vocab_file=gs://my-bucket/bert/vocab.txt --bert_config=large \
+      --tfds_data_dir=gs://my-bucket/tfds --global_batch_size=48 \
+      --learning_rate=5e-5 --num_train_epochs=2 --mixed_precision=bfloat16 \
+      --model_dir=gs://my-bucket/bert/squad
+
+Offline, from the SQuAD JSON files (`train-v1.1.json`, `dev-v1.1.json`):
+
+    python tpu_scripts/run_squad.py --train_file=train-v1.1.json \
+      --predict_file=dev-v1.1.json --init_checkpoint=/tmp/bert/phase2 \
+      --vocab_file=/tmp/bert/vocab.txt --bert_config=tiny \
+      --max_seq_length=128 --model_dir=/tmp/bert/squad
+
+Writes `predictions.json` ({question id: answer}) and `results.json`
+(`exact_match`, `f1` in percent, as the official v1.1 script) to
+`--model_dir`. Training runs on the shared trainer (`tpu_scripts.trainer`);
+the logic lives in `tpu_scripts.bert_squad`.
+"""
+
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
+    sys.path.insert(
+        0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ["KERAS_BACKEND"] = "tensorflow"
+
+from absl import app, flags, logging  # noqa: E402
+
+from tpu_scripts import bert_pretraining  # noqa: E402
+
+FLAG_NAMES = set()
+
+
+def define_flags(flag_values=None):
+    """Defines the script's flags on `flag_values` (default: absl FLAGS)."""
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    before = set(flag_values)
+    f = dict(flag_values=flag_values)
+    bert_pretraining.define_distribution_flags(flags, f)
+    flags.DEFINE_string(
+        "train_file", None, "SQuAD v1.1 training JSON (default: TFDS "
+        "squad/v1.1 train).", **f)
+    flags.DEFINE_string(
+        "predict_file", None, "SQuAD v1.1 JSON to answer and score "
+        "(default: TFDS squad/v1.1 validation).", **f)
+    flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory.", **f)
+    flags.DEFINE_string(
+        "init_checkpoint", None, "bert_pretrain.py checkpoint (prefix or "
+        "model_dir) whose encoder starts fine-tuning (none: random).", **f)
+    flags.DEFINE_string("bert_config", "base", "tiny, mini, small, medium, "
+                        "base, large or a JSON file; as pre-training.", **f)
+    flags.DEFINE_string("vocab_file", None, "The pre-training WordPiece "
+                        "vocabulary.", **f)
+    flags.DEFINE_boolean("do_lower_case", True, "Uncased tokenization "
+                         "(lowercase, strip accents).", **f)
+    flags.DEFINE_float("dropout", None, "Dropout (default: the config's).",
+                       **f)
+    flags.DEFINE_integer("max_seq_length", 384, "Tokens per feature.", **f)
+    flags.DEFINE_integer("doc_stride", 128, "Stride between context "
+                         "windows.", **f)
+    flags.DEFINE_integer("max_query_length", 64, "Question tokens kept.", **f)
+    flags.DEFINE_integer("global_batch_size", 32, "Features per step over "
+                         "all replicas.", **f)
+    flags.DEFINE_integer("predict_batch_size", 0, "Features per prediction "
+                         "step (0: --global_batch_size).", **f)
+    flags.DEFINE_float("num_train_epochs", 2.0, "Training epochs.", **f)
+    flags.DEFINE_integer("train_steps", 0, "Training steps (0: from "
+                         "--num_train_epochs).", **f)
+    flags.DEFINE_enum("optimizer", "adamw", bert_pretraining.OPTIMIZER_NAMES,
+                      "Optimizer (BERT fine-tunes with AdamW).", **f)
+    flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate.", **f)
+    flags.DEFINE_float("warmup_proportion", 0.1, "Linear warmup fraction, "
+                       "then linear decay to 0.", **f)
+    flags.DEFINE_float("weight_decay", 0.01, "Weight decay.", **f)
+    flags.DEFINE_integer("n_best_size", 20, "Start/end candidates per "
+                         "feature.", **f)
+    flags.DEFINE_integer("max_answer_length", 30, "Longest answer, tokens.",
+                         **f)
+    flags.DEFINE_string("model_dir", None, "Checkpoints, TensorBoard logs, "
+                        "predictions.json, results.json (resumes).", **f)
+    flags.DEFINE_integer("steps_per_loop", 100, "Steps per compiled loop.",
+                         **f)
+    flags.DEFINE_integer("seed", 0, "Seed of the head and the order.", **f)
+    FLAG_NAMES.update(set(flag_values) - before)
+
+
+def _flag_values(flags_):
+    if isinstance(flags_, flags.FlagValues):
+        return {n: flags_[n].value for n in sorted(FLAG_NAMES) if n in flags_}
+    return dict(vars(flags_))
+
+
+def run(flags_, log=print):
+    """Fine-tunes and evaluates as `flags_` say; returns the results."""
+    import keras
+    import tensorflow as tf
+
+    from tpu_scripts import (bert_data, bert_models, bert_squad, distribute,
+                             trainer)
+
+    start = time.time()
+    if not flags_.vocab_file:
+        raise ValueError("--vocab_file (the pre-training vocabulary) is "
+                         "required.")
+    distribute.configure_cpu_devices(flags_.num_cpu_devices)
+    strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
+                                       flags_.collective)
+    distribute.set_mixed_precision(flags_.mixed_precision)
+    log = log if distribute.is_chief(strategy) else (lambda *a, **k: None)
+    keras.utils.set_random_seed(flags_.seed)
+    vocabulary = bert_data.load_vocabulary(flags_.vocab_file)
+    tokenizer = bert_data.make_tokenizer(vocabulary, flags_.do_lower_case)
+
+    def features(examples, training):
+        return bert_squad.make_features(
+            examples, tokenizer, vocabulary, flags_.max_seq_length,
+            flags_.doc_stride, flags_.max_query_length, training=training,
+        )
+
+    def read(path, split):
+        if path:
+            return bert_squad.read_squad_json(path)
+        return bert_squad.read_squad_tfds(split, flags_.tfds_data_dir)
+
+    train_examples = read(flags_.train_file, "train")
+    predict_examples = read(flags_.predict_file, "validation")
+    train_arrays, _ = features(train_examples, training=True)
+    predict_arrays, predict_meta = features(predict_examples, training=False)
+    log(f"{len(train_examples)} training questions -> "
+        f"{len(train_arrays['input_ids'])} features; "
+        f"{len(predict_examples)} to answer -> "
+        f"{len(predict_arrays['input_ids'])} features.")
+    train_input = bert_data.ArrayInput(
+        train_arrays, flags_.global_batch_size, training=True,
+        seed=flags_.seed,
+    )
+    train_steps = flags_.train_steps or max(
+        2, round(flags_.num_train_epochs * train_input.steps_per_epoch)
+    )
+    plan = dict(
+        optimizer=flags_.optimizer, learning_rate=flags_.learning_rate,
+        train_steps=train_steps,
+        warmup_steps=max(1, round(flags_.warmup_proportion * train_steps)),
+        decay_power=1.0, end_learning_rate=0.0,
+        weight_decay=flags_.weight_decay, beta_1=0.9, beta_2=0.999,
+        epsilon=1e-6, clipnorm=1.0, momentum=0.9, trust_coefficient=1e-3,
+        gradient_accumulation_steps=1,
+    )
+    config = bert_models.load_bert_config(
+        flags_.bert_config, vocabulary_size=len(vocabulary),
+        dropout=flags_.dropout,
+    )
+
+    def model_fn():
+        backbone = bert_models.build_backbone(config)
+        if flags_.init_checkpoint:
+            # The pre-training model around the same encoder reads the
+            # checkpoint; the span model then shares the restored encoder.
+            prefix = bert_models.load_pretrained_weights(
+                bert_models.BertPretrainer(backbone), flags_.init_checkpoint
+            )
+            log(f"Encoder initialised from {prefix}.")
+        return bert_models.BertSpanModel(backbone)
+
+    loop = trainer.Trainer(
+        strategy, bert_squad.SquadTask(model_fn),
+        lambda: bert_pretraining.make_training_optimizer(
+            plan, strategy.num_replicas_in_sync,
+            mixed_precision=flags_.mixed_precision,
+        ),
+        flags_.global_batch_size, model_dir=flags_.model_dir,
+        steps_per_loop=flags_.steps_per_loop,
+        jit_compile=flags_.jit_compile, log=log,
+    )
+    outcome = loop.train(train_input, train_steps)
+    start_logits, end_logits = bert_squad.predict_logits(
+        strategy, loop.model, predict_arrays,
+        flags_.predict_batch_size or flags_.global_batch_size,
+    )
+    predictions = bert_squad.best_answers(
+        predict_examples, predict_meta, start_logits, end_logits,
+        flags_.n_best_size, flags_.max_answer_length,
+    )
+    metrics = bert_squad.squad_v1_metrics(predictions, predict_examples)
+    results = dict(
+        **metrics, train=outcome["train"], train_steps=outcome["step"],
+        train_seconds=outcome["train_seconds"],
+        wall_seconds=time.time() - start,
+        train_features=len(train_arrays["input_ids"]),
+        predict_features=len(predict_arrays["input_ids"]),
+        num_replicas=strategy.num_replicas_in_sync, plan=plan,
+        flags=_flag_values(flags_),
+    )
+    log(f"SQuAD v1.1: exact match {metrics['exact_match']:.2f}, F1 "
+        f"{metrics['f1']:.2f} over {metrics['count']} questions.")
+    if flags_.model_dir and distribute.is_chief(strategy):
+        tf.io.gfile.makedirs(flags_.model_dir)
+        for name, value in (("predictions.json", predictions),
+                            ("results.json", results)):
+            with tf.io.gfile.GFile(os.path.join(flags_.model_dir, name),
+                                   "w") as f:
+                json.dump(value, f, indent=2, default=str)
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    run(flags.FLAGS)
+
+
+if __name__ == "__main__":
+    define_flags()
+    flags.adopt_module_key_flags(bert_pretraining)  # listed by --help
+    app.run(main)
