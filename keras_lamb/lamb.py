@@ -131,7 +131,69 @@ class LAMB(LayerwiseAdaptiveOptimizer):
             var_list, ["momentum", "velocity"]
         )
 
-    def update_step(self, gradient, variable, learning_rate):
+    def _slots(self, index):
+        return [self._momentums[index], self._velocities[index]]
+
+    def _step_scalars(self, learning_rate):
+        """The step's scalars, computed once per step, not per variable.
+
+        The bias corrections are folded into two scalars: with
+        `c_1 = sqrt(1 - beta_2**t) / (1 - beta_1**t)`,
+        `m_hat / (sqrt(v_hat) + epsilon) = c_1 * m / (sqrt(v) + epsilon_t)`
+        where `epsilon_t = epsilon * sqrt(1 - beta_2**t)`.
+        """
+        scalars = {"lr": ops.cast(learning_rate, "float32"),
+                   "c1": 1.0, "epsilon": self.epsilon}
+        if self.bias_correction:
+            t = ops.cast(self.iterations + 1, "float32")
+            sqrt_bc2 = ops.sqrt(1 - ops.power(self.beta_2, t))
+            scalars["c1"] = sqrt_bc2 / (1 - ops.power(self.beta_1, t))
+            scalars["epsilon"] = self.epsilon * sqrt_bc2
+        return scalars
+
+    def _layerwise_update(self, w, g, state, use_decay, use_adaptation,
+                          scalars, segments):
+        """The step of `w`: one variable, or several laid end to end.
+
+        Returns `(new_w, [m, v], stats)`, `stats` being `None` unless
+        tracking. The update is kept as `u = c_1 * e` so that `c_1`
+        multiplies scalars only.
+        """
+        m, v = state
+        # m_t = beta_1 m + (1 - beta_1) g and v_t likewise, written so that
+        # each op can reuse its input's buffer when not compiled with XLA.
+        m = m + (1 - self.beta_1) * (g - m)
+        v = v + (1 - self.beta_2) * (ops.square(g) - v)
+        c1, lr = scalars["c1"], scalars["lr"]
+        e = m / (ops.sqrt(v) + scalars["epsilon"])  # u / c_1, without decay
+        if use_decay:
+            e = e + (self.weight_decay / c1) * w  # u / c_1
+        w_norm = u_norm = None
+        if use_adaptation or self._stats is not None:
+            w_norm, e_norm = segments.norms(w, e)
+            u_norm = c1 * e_norm
+        ratio = 1.0
+        if use_adaptation:
+            phi = w_norm
+            if self.trust_ratio_bounds is not None:
+                lower, upper = self.trust_ratio_bounds
+                phi = ops.clip(
+                    w_norm,
+                    0.0 if lower is None else lower,
+                    float("inf") if upper is None else upper,
+                )
+            # trust ratio, 1 when ||w|| or ||u|| is 0
+            ratio = safe_trust_ratio(phi, u_norm, norms=(w_norm, u_norm))
+        new_w = w - segments.expand(lr * c1 * ratio) * e
+        stats = self._stats_values(w_norm, u_norm, ratio, lr, segments)
+        return new_w, [m, v], stats
+
+    def _reference_update_step(self, gradient, variable, learning_rate):
+        """One variable's step, the paper's equations line by line.
+
+        The oracle of the fast path (`_layerwise_update`), selected by the
+        private flag `_use_reference_path`.
+        """
         index, use_decay, use_adaptation = self._layer_flags(variable)
         g = dense_float32(gradient)
         w = ops.cast(variable, "float32")

@@ -128,7 +128,61 @@ class LARS(LayerwiseAdaptiveOptimizer):
         super().build(var_list)
         self._momentums = self.add_optimizer_variables(var_list, "momentum")
 
-    def update_step(self, gradient, variable, learning_rate):
+    def _slots(self, index):
+        return [self._momentums[index]]
+
+    def _step_scalars(self, learning_rate):
+        return {"lr": ops.cast(learning_rate, "float32")}
+
+    def _layerwise_update(self, w, g, state, use_decay, use_adaptation,
+                          scalars, segments):
+        """The step of `w`: one variable, or several laid end to end.
+
+        Returns `(new_w, [v], stats)`, `stats` being `None` unless tracking.
+        """
+        (v,) = state
+        lr = scalars["lr"]
+        wd = self.weight_decay if use_decay else 0.0
+        w_norm = g_norm = None
+        if use_adaptation or self._stats is not None:
+            w_norm, g_norm = segments.norms(w, g)
+        ratio = 1.0
+        if use_adaptation:
+            # local_lr = eta ||w|| / (||g|| + wd ||w|| + eps), 1 on a zero norm
+            ratio = safe_trust_ratio(
+                self.trust_coefficient * w_norm,
+                g_norm + wd * w_norm + self.epsilon,
+                norms=(w_norm, g_norm),
+            )
+            if self.clip_trust_ratio:
+                # LARC clip (apex): r = min(r / lr, 1) where the norms are
+                # positive, so lr * r never exceeds lr; r = 1 elsewhere.
+                clip = ops.logical_and(
+                    ops.logical_and(
+                        ops.greater(w_norm, 0.0), ops.greater(g_norm, 0.0)
+                    ),
+                    ops.greater(lr, 0.0),
+                )
+                safe_lr = ops.where(clip, lr, 1.0)
+                ratio = ops.where(
+                    clip, ops.minimum(ratio / safe_lr, 1.0), ratio
+                )
+        step_size = segments.expand(lr * ratio)
+        step = step_size * (g + wd * w) if use_decay else step_size * g
+        v = self.momentum * v + step  # v_t
+        if self.nesterov:
+            new_w = w - (self.momentum * v + step)
+        else:
+            new_w = w - v
+        stats = self._stats_values(w_norm, g_norm, ratio, lr, segments)
+        return new_w, [v], stats
+
+    def _reference_update_step(self, gradient, variable, learning_rate):
+        """One variable's step, the algorithm line by line.
+
+        The oracle of the fast path (`_layerwise_update`), selected by the
+        private flag `_use_reference_path`.
+        """
         index, use_decay, use_adaptation = self._layer_flags(variable)
         g = dense_float32(gradient)
         w = ops.cast(variable, "float32")

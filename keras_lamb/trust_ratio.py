@@ -15,13 +15,63 @@ __all__ = [
     "ExclusionRule",
     "l2_norm",
     "safe_trust_ratio",
+    "sum_of_squares",
 ]
+
+# Below this many values a tensor's norm is not worth a matrix-vector product.
+_MATVEC_MIN_SIZE = 4096
 
 
 def l2_norm(x):
     """Euclidean norm of all entries of `x`, computed in float32."""
     x = ops.cast(x, "float32")
     return ops.sqrt(ops.sum(ops.square(x)))
+
+
+def sum_of_squares(x, method="reduce"):
+    """`sum(x**2)` over all entries of the float32 tensor `x`.
+
+    Args:
+        x: a float32 tensor of static shape.
+        method: how the sum is formed; both agree up to float32 summation
+            order.
+            - `"reduce"`: `sum(square(x))`, one fused reduction (fastest
+              where the compiler emits fast reductions: JAX's XLA on CPU,
+              XLA on GPU and TPU).
+            - `"matvec"`: the squares viewed as rows, multiplied by a vector
+              of ones, then the rows summed. TensorFlow's XLA:CPU emits a
+              reduction to a scalar as one serial loop but a matrix-vector
+              product as a vectorised kernel: 4.6x faster on 23 M values
+              (`benchmarks/norm_methods.py`).
+    """
+    if method not in ("reduce", "matvec"):
+        raise ValueError(f"Unknown sum_of_squares method {method!r}.")
+    rows = _row_view(tuple(x.shape)) if method == "matvec" else None
+    if rows is None:
+        return ops.sum(ops.square(x))
+    squares = ops.reshape(ops.square(x), rows)
+    return ops.sum(ops.matmul(squares, ops.ones((rows[1],), "float32")))
+
+
+def _row_view(shape):
+    """A `(rows, columns)` view of `shape` with 128+ columns, or `None`."""
+    if any(dim is None for dim in shape):
+        return None
+    size = math.prod(shape)
+    if size < _MATVEC_MIN_SIZE:
+        return None
+    columns = 1
+    for dim in reversed(shape):
+        columns *= dim
+        if columns >= 128:
+            break
+    if columns > 16384:  # a long vector: split it at a divisor of its size
+        columns = next(
+            (c for c in range(2048, 127, -1) if size % c == 0), None
+        )
+        if columns is None:
+            return None
+    return (size // columns, columns)
 
 
 def safe_trust_ratio(numerator, denominator, norms=None):

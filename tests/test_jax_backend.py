@@ -18,6 +18,7 @@ AGNOSTIC_MODULES = [
     "test_numerics.py",
     "test_config_and_validation.py",
     "test_training.py",
+    "test_fast_path.py",
 ]
 
 

@@ -1,0 +1,50 @@
+"""The benchmark script runs end to end on tiny shapes (`--smoke`)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "optimizer_step.py")
+OPTIMIZERS = ["keras_lamb.LAMB", "keras_lamb.LARS", "keras.Adam",
+              "keras_lamb.LAMB[reference]"]
+
+
+def test_benchmark_smoke(tmp_path):
+    jsonl, markdown = tmp_path / "out.jsonl", tmp_path / "out.md"
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--smoke", "--backend", "all", "--xla", "on",
+         "--optimizers", ",".join(OPTIMIZERS + ["optax.lamb"]),
+         "--jsonl", str(jsonl), "--markdown", str(markdown)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert records[0]["kind"] == "run"
+    steps = [r for r in records if r.get("kind") == "step"]
+    expected = {"tensorflow": OPTIMIZERS, "jax": OPTIMIZERS + ["optax.lamb"]}
+    for backend, names in expected.items():
+        if importlib.util.find_spec(backend) is None:
+            assert any(r.get("skipped") for r in records
+                       if r.get("backend") == backend)
+            continue
+        if backend == "jax" and importlib.util.find_spec("optax") is None:
+            names = OPTIMIZERS
+        got = {r["optimizer"] for r in steps if r["backend"] == backend}
+        assert got == set(names), (backend, got)
+        bandwidth = [r for r in records if r.get("kind") == "bandwidth"
+                     and r["backend"] == backend]
+        assert len(bandwidth) == 1 and bandwidth[0]["gb_per_s"] > 0
+    for r in steps:
+        assert r["ms"] > 0 and r["floor_ms"] > 0 and r["gb_per_s"] > 0
+        assert r["floor_bytes_per_param"] in (20, 28, 40)
+        if r["optimizer"].startswith("keras_lamb.LAMB"):
+            assert r["ref"] == "keras.Adam" and r["x_ref"] > 0
+    table = markdown.read_text()
+    assert table.startswith("| backend | XLA | shapes | optimizer | ms |")
+    assert table.count("| smoke |") == len(steps)
+    # The JSON lines also go to stdout, followed by the table.
+    assert result.stdout.count('"kind": "step"') == len(steps)
+    assert "| keras_lamb.LAMB |" in result.stdout

@@ -1,0 +1,223 @@
+"""The fast path of LAMB and LARS equals their per-variable reference path.
+
+The optimizers step all variables at once (norms computed together, small
+variables optionally packed end to end) or, inside `tf.distribute`, one
+variable at a time; the private flag `_use_reference_path` selects the papers'
+equations written out per variable. These tests run all of them on the same
+variables and gradients. Backend-agnostic: runs under TensorFlow and again
+under JAX (tests/test_jax_backend.py).
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lamb
+from conftest import TOLERANCES
+from keras_lamb.layerwise import PACK_MAX_SIZE, Segments
+from keras_lamb.trust_ratio import sum_of_squares
+
+# Edge cases first, then random shapes: a scalar, one element, a zero
+# variable, a zero gradient (no weight decay: a zero update), a long vector
+# without a divisor in [128, 2048] (no row view), one with (row view), and
+# tensors above the packing size.
+FIXED_SPECS = [
+    # (path, shape, weight scale, gradient scale)
+    ("scale/kernel", (), 1.5, 0.3),
+    ("one/bias", (1,), 0.2, 1.0),
+    ("zeros/kernel", (3, 4), 0.0, 1.0),
+    ("frozen/bias", (5, 2), 1.0, 0.0),
+    ("long/bias", (70001,), 0.1, 0.01),
+    ("wide/bias", (81920,), 0.1, 0.01),
+    ("big/kernel", (700, 300), 0.05, 0.002),
+    ("conv/kernel", (3, 3, 16, 32), 0.1, 0.05),
+    ("layer_norm/gamma", (64,), 1.0, 0.01),
+]
+DECAY_EXCLUDED = "layer_norm|bias"
+ADAPTATION_EXCLUDED = "one/bias|layer_norm"
+
+
+def random_specs(seed, count=6):
+    rng = np.random.default_rng(seed)
+    specs = []
+    for i in range(count):
+        rank = int(rng.integers(0, 5))
+        shape = tuple(int(d) for d in rng.integers(1, 40, size=rank))
+        specs.append((f"random{i}/{'bias' if rank == 1 else 'kernel'}",
+                      shape, float(10 ** rng.uniform(-3, 1)),
+                      float(10 ** rng.uniform(-3, 1))))
+    return specs
+
+
+def make_variables(specs, dtype="float32", seed=0):
+    rng = np.random.default_rng(seed)
+    variables = []
+    for path, shape, scale, _ in specs:
+        scope, name = path.split("/")
+        with keras.name_scope(scope):
+            variables.append(keras.Variable(
+                scale * rng.standard_normal(shape), dtype=dtype, name=name))
+    return variables
+
+
+def make_gradients(specs, step, dtype="float32"):
+    rng = np.random.default_rng([7, step])
+    return [keras.ops.convert_to_tensor(
+        g_scale * rng.standard_normal(shape), dtype=dtype)
+        for _, shape, _, g_scale in specs]
+
+
+class PerVariable:
+    """Mixin: overriding `update_step` makes Keras call it per variable, as
+    inside `tf.distribute`, which takes the one-variable fast path."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        return super().update_step(gradient, variable, learning_rate)
+
+
+class PerVariableLAMB(PerVariable, keras_lamb.LAMB):
+    pass
+
+
+class PerVariableLARS(PerVariable, keras_lamb.LARS):
+    pass
+
+
+LAMB_CONFIGS = {
+    "paper": {},
+    "bounds_no_bias_correction": {
+        "trust_ratio_bounds": (0.05, 2.0), "epsilon": 1e-3,
+        "bias_correction": False,
+    },
+}
+LARS_CONFIGS = {
+    "mlperf": {},
+    "nesterov_larc": {"nesterov": True, "clip_trust_ratio": True,
+                      "epsilon": 1e-5},
+}
+
+
+def make_optimizer(name, config, path):
+    """`path`: "reference", "whole", "packed" or "per_variable"."""
+    if name == "lamb":
+        cls = PerVariableLAMB if path == "per_variable" else keras_lamb.LAMB
+        kwargs = dict(learning_rate=0.05, weight_decay=0.1)
+    else:
+        cls = PerVariableLARS if path == "per_variable" else keras_lamb.LARS
+        kwargs = dict(learning_rate=0.5, weight_decay=0.01,
+                      trust_coefficient=0.02)
+    opt = cls(exclude_from_weight_decay=DECAY_EXCLUDED,
+              exclude_from_layer_adaptation=ADAPTATION_EXCLUDED,
+              track_trust_ratios=True, **kwargs, **config)
+    opt._use_reference_path = path == "reference"
+    opt._pack_small_variables = path == "packed"
+    return opt
+
+
+def run(optimizer, specs, steps=3, dtype="float32"):
+    variables = make_variables(specs, dtype)
+    for step in range(steps):
+        optimizer.apply(make_gradients(specs, step, dtype), variables)
+    state = [np.array(v, dtype="float64") for v in variables]
+    state += [np.array(v, dtype="float64") for v in optimizer.variables
+              if v.dtype != "int64" and len(v.shape) > 0]
+    return state, optimizer.trust_ratio_stats()
+
+
+def assert_same(a, b, dtype="float32"):
+    (state_a, stats_a), (state_b, stats_b) = a, b
+    tol = TOLERANCES[dtype]
+    assert len(state_a) == len(state_b)
+    for x, y in zip(state_a, state_b):
+        np.testing.assert_allclose(x, y, **tol)
+    assert stats_a.keys() == stats_b.keys()
+    for path in stats_a:
+        for stat in stats_a[path]:
+            np.testing.assert_allclose(
+                stats_a[path][stat], stats_b[path][stat], rtol=1e-4,
+                atol=1e-7, err_msg=f"{path} {stat}")
+
+
+@pytest.mark.parametrize("path", ["whole", "packed", "per_variable"])
+@pytest.mark.parametrize("config", LAMB_CONFIGS)
+def test_lamb_fast_path_equals_reference(config, path):
+    specs = FIXED_SPECS + random_specs(1)
+    reference = run(make_optimizer("lamb", LAMB_CONFIGS[config], "reference"),
+                    specs)
+    fast = run(make_optimizer("lamb", LAMB_CONFIGS[config], path), specs)
+    assert_same(fast, reference)
+
+
+@pytest.mark.parametrize("path", ["whole", "packed", "per_variable"])
+@pytest.mark.parametrize("config", LARS_CONFIGS)
+def test_lars_fast_path_equals_reference(config, path):
+    specs = FIXED_SPECS + random_specs(2)
+    reference = run(make_optimizer("lars", LARS_CONFIGS[config], "reference"),
+                    specs)
+    fast = run(make_optimizer("lars", LARS_CONFIGS[config], path), specs)
+    assert_same(fast, reference)
+
+
+@pytest.mark.parametrize("name, dtype", [("lamb", "bfloat16"),
+                                         ("lars", "float16")])
+def test_low_precision_variables(name, dtype):
+    # bfloat16/float16 variables and slots; norms and math in float32.
+    specs = FIXED_SPECS[:4] + random_specs(3, count=3)
+    config = {} if name == "lamb" else {"nesterov": True}
+    reference = run(make_optimizer(name, config, "reference"), specs,
+                    dtype=dtype)
+    for path in ("whole", "packed"):
+        fast = run(make_optimizer(name, config, path), specs, dtype=dtype)
+        assert_same(fast, reference, dtype)
+
+
+def test_the_step_changes_the_variables():
+    # Guards the comparisons above against a path that does nothing.
+    specs = FIXED_SPECS + random_specs(1)
+    before = [np.array(v) for v in make_variables(specs)]
+    after, _ = run(make_optimizer("lamb", {}, "whole"), specs, steps=1)
+    moved = [not np.allclose(a, b) for a, b in zip(before, after)]
+    # The zero variable moves too (trust ratio 1); the zero gradient without
+    # weight decay does not.
+    assert moved == [path != "frozen/bias" for path, *_ in specs]
+
+
+@pytest.mark.parametrize("method", ["reduce", "matvec"])
+def test_sum_of_squares_equals_numpy(method):
+    rng = np.random.default_rng(5)
+    for shape in [(), (1,), (7, 3), (70001,), (81920,), (700, 300),
+                  (3, 3, 16, 32)]:
+        x = rng.standard_normal(shape).astype("float32")
+        got = sum_of_squares(keras.ops.convert_to_tensor(x), method)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
+                                   np.sum(x.astype("float64") ** 2),
+                                   rtol=1e-5, err_msg=str(shape))
+
+
+def test_segment_norms_equal_numpy():
+    rng = np.random.default_rng(6)
+    sizes = [1, 5, 4096, 3]
+    x = rng.standard_normal(sum(sizes)).astype("float32")
+    segments = Segments(sizes, "reduce")
+    norms, doubled = segments.norms(keras.ops.convert_to_tensor(x),
+                                    keras.ops.convert_to_tensor(2 * x))
+    expected = [np.linalg.norm(part.astype("float64"))
+                for part in np.split(x, np.cumsum(sizes)[:-1])]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(norms), expected,
+                               rtol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(doubled),
+                               2 * np.array(expected), rtol=1e-5)
+    expanded = segments.expand(keras.ops.convert_to_tensor(
+        np.arange(4, dtype="float32")))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(expanded),
+                                  np.repeat(np.arange(4), sizes))
+
+
+def test_whole_step_only_where_allowed():
+    assert PACK_MAX_SIZE >= 1024
+    assert keras_lamb.LAMB()._whole_step_allowed()
+    assert keras_lamb.LARS()._whole_step_allowed()
+    assert not PerVariableLAMB()._whole_step_allowed()
+    reference = keras_lamb.LARS()
+    reference._use_reference_path = True
+    assert not reference._whole_step_allowed()
