@@ -174,19 +174,22 @@ class LAMB(LayerwiseAdaptiveOptimizer):
             u_norm = c1 * e_norm
         ratio = 1.0
         if use_adaptation:
-            phi = w_norm
-            if self.trust_ratio_bounds is not None:
-                lower, upper = self.trust_ratio_bounds
-                phi = ops.clip(
-                    w_norm,
-                    0.0 if lower is None else lower,
-                    float("inf") if upper is None else upper,
-                )
-            # trust ratio, 1 when ||w|| or ||u|| is 0
-            ratio = safe_trust_ratio(phi, u_norm, norms=(w_norm, u_norm))
+            ratio = self._trust_ratio(w_norm, u_norm)
         new_w = w - segments.expand(lr * c1 * ratio) * e
         stats = self._stats_values(w_norm, u_norm, ratio, lr, segments)
         return new_w, [m, v], stats
+
+    def _trust_ratio(self, w_norm, u_norm):
+        """phi(||w||) / ||u||, 1 when ||w|| or ||u|| is 0."""
+        phi = w_norm
+        if self.trust_ratio_bounds is not None:
+            lower, upper = self.trust_ratio_bounds
+            phi = ops.clip(
+                w_norm,
+                0.0 if lower is None else lower,
+                float("inf") if upper is None else upper,
+            )
+        return safe_trust_ratio(phi, u_norm, norms=(w_norm, u_norm))
 
     def _reference_update_step(self, gradient, variable, learning_rate):
         """One variable's step, the paper's equations line by line.
@@ -216,15 +219,7 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         if use_adaptation:
             w_norm = l2_norm(w)
             u_norm = l2_norm(u)
-            phi = w_norm
-            if self.trust_ratio_bounds is not None:
-                lower, upper = self.trust_ratio_bounds
-                phi = ops.clip(
-                    w_norm,
-                    0.0 if lower is None else lower,
-                    float("inf") if upper is None else upper,
-                )
-            ratio = safe_trust_ratio(phi, u_norm, norms=(w_norm, u_norm))
+            ratio = self._trust_ratio(w_norm, u_norm)
         else:
             ratio = ops.ones((), "float32")
         # Statistics first: on eager TF `w` still aliases the variable.

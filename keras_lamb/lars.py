@@ -148,25 +148,7 @@ class LARS(LayerwiseAdaptiveOptimizer):
             w_norm, g_norm = segments.norms(w, g)
         ratio = 1.0
         if use_adaptation:
-            # local_lr = eta ||w|| / (||g|| + wd ||w|| + eps), 1 on a zero norm
-            ratio = safe_trust_ratio(
-                self.trust_coefficient * w_norm,
-                g_norm + wd * w_norm + self.epsilon,
-                norms=(w_norm, g_norm),
-            )
-            if self.clip_trust_ratio:
-                # LARC clip (apex): r = min(r / lr, 1) where the norms are
-                # positive, so lr * r never exceeds lr; r = 1 elsewhere.
-                clip = ops.logical_and(
-                    ops.logical_and(
-                        ops.greater(w_norm, 0.0), ops.greater(g_norm, 0.0)
-                    ),
-                    ops.greater(lr, 0.0),
-                )
-                safe_lr = ops.where(clip, lr, 1.0)
-                ratio = ops.where(
-                    clip, ops.minimum(ratio / safe_lr, 1.0), ratio
-                )
+            ratio = self._trust_ratio(w_norm, g_norm, wd, lr)
         step_size = segments.expand(lr * ratio)
         step = step_size * (g + wd * w) if use_decay else step_size * g
         v = self.momentum * v + step  # v_t
@@ -176,6 +158,29 @@ class LARS(LayerwiseAdaptiveOptimizer):
             new_w = w - v
         stats = self._stats_values(w_norm, g_norm, ratio, lr, segments)
         return new_w, [v], stats
+
+    def _trust_ratio(self, w_norm, g_norm, wd, lr):
+        """LARS's local learning rate of one variable (or segment)."""
+        # local_lr = eta ||w|| / (||g|| + wd ||w|| + eps), 1 on a zero norm
+        ratio = safe_trust_ratio(
+            self.trust_coefficient * w_norm,
+            g_norm + wd * w_norm + self.epsilon,
+            norms=(w_norm, g_norm),
+        )
+        if self.clip_trust_ratio:
+            # LARC clip (apex): r = min(r / lr, 1) where the norms are
+            # positive, so lr * r never exceeds lr; r = 1 elsewhere.
+            clip = ops.logical_and(
+                ops.logical_and(
+                    ops.greater(w_norm, 0.0), ops.greater(g_norm, 0.0)
+                ),
+                ops.greater(lr, 0.0),
+            )
+            safe_lr = ops.where(clip, lr, 1.0)
+            ratio = ops.where(
+                clip, ops.minimum(ratio / safe_lr, 1.0), ratio
+            )
+        return ratio
 
     def _reference_update_step(self, gradient, variable, learning_rate):
         """One variable's step, the algorithm line by line.
@@ -192,25 +197,7 @@ class LARS(LayerwiseAdaptiveOptimizer):
         if use_adaptation:
             w_norm = l2_norm(w)
             g_norm = l2_norm(g)
-            # local_lr = eta ||w|| / (||g|| + wd ||w|| + eps), 1 on a zero norm
-            ratio = safe_trust_ratio(
-                self.trust_coefficient * w_norm,
-                g_norm + wd * w_norm + self.epsilon,
-                norms=(w_norm, g_norm),
-            )
-            if self.clip_trust_ratio:
-                # LARC clip (apex): r = min(r / lr, 1) where the norms are
-                # positive, so lr * r never exceeds lr; r = 1 elsewhere.
-                clip = ops.logical_and(
-                    ops.logical_and(
-                        ops.greater(w_norm, 0.0), ops.greater(g_norm, 0.0)
-                    ),
-                    ops.greater(lr, 0.0),
-                )
-                safe_lr = ops.where(clip, lr, 1.0)
-                ratio = ops.where(
-                    clip, ops.minimum(ratio / safe_lr, 1.0), ratio
-                )
+            ratio = self._trust_ratio(w_norm, g_norm, wd, lr)
         else:
             ratio = ops.ones((), "float32")
         step = lr * ratio * (g + wd * w) if use_decay else lr * ratio * g
