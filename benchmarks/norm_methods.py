@@ -22,7 +22,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-METHODS = ("reduce", "matvec")
 
 
 def define_flags():
@@ -50,6 +49,7 @@ def median_ms(fn, reps):
 def worker(args):
     import numpy as np
 
+    from keras_lamb.trust_ratio import SUM_OF_SQUARES_METHODS as METHODS
     from keras_lamb.trust_ratio import sum_of_squares
 
     shape = tuple(int(d) for d in args.shape.split(","))

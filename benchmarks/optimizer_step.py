@@ -73,18 +73,43 @@ KERAS_OPTIMIZERS = [
 OPTAX_OPTIMIZERS = ["optax.lamb", "optax.lars", "optax.adam"]
 # Variants of keras_lamb's step, chosen by its private switches: the
 # per-variable reference path (the code before the fast path), the fast path
-# with small variables packed or not, and each way of computing the norms
-# (the defaults depend on the backend and device).
+# with small variables packed or not (and in packs of any length), each way of
+# computing the norms (the defaults depend on the backend and device), both
+# norms in one stacked reduction, and no exclusions (every variable decayed
+# and adapted, so packs hold adapted variables too). Variants combine with
+# `+`: `keras_lamb.LAMB[adapt-all+unpacked]`.
 VARIANTS = {
     "reference": {"_use_reference_path": True},
     "packed": {"_pack_small_variables": True},
     "unpacked": {"_pack_small_variables": False},
+    "packall": {"_pack_small_variables": True, "_pack_max_count": 1 << 30},
     "reduce": {"_norm_method": "reduce"},
     "matvec": {"_norm_method": "matvec"},
+    "rows": {"_norm_method": "rows"},
+    "joint": {"_joint_norms": True},
+    "adapt-all": {},  # handled in make_keras_optimizer
 }
 ALL_OPTIMIZERS = KERAS_OPTIMIZERS + OPTAX_OPTIMIZERS + [
     f"keras_lamb.{o}[{v}]" for o in ("LAMB", "LARS") for v in VARIANTS
 ]
+
+
+def variants_of(name):
+    """`"keras_lamb.LAMB[rows+joint]"` -> `["rows", "joint"]`."""
+    if "[" not in name:
+        return []
+    return name[name.index("[") + 1:-1].split("+")
+
+
+def known_optimizer(name):
+    base = base_name(name)
+    if base not in KERAS_OPTIMIZERS + OPTAX_OPTIMIZERS:
+        return False
+    variants = variants_of(name)
+    if variants and not base.startswith("keras_lamb."):
+        return False
+    return all(v in VARIANTS for v in variants) and (
+        not variants or name.endswith("]"))
 
 
 def base_name(name):
@@ -110,9 +135,12 @@ def define_flags():
         "--optimizers", default=",".join(KERAS_OPTIMIZERS + OPTAX_OPTIMIZERS),
         help="comma-separated optimizers from " + ", ".join(ALL_OPTIMIZERS)
         + " (optax ones run on the JAX backend only; `[reference]` is the "
-        "per-variable reference path of keras_lamb, `[packed]` and "
-        "`[unpacked]` force small-variable packing on or off, `[reduce]` "
-        "and `[matvec]` force a way of computing the norms).")
+        "per-variable reference path of keras_lamb, `[packed]`, "
+        "`[unpacked]` and `[packall]` force small-variable packing on, off "
+        "or in packs of any length, `[reduce]`, `[matvec]` and `[rows]` "
+        "force a way of computing the norms, `[joint]` reduces both norms "
+        "in one pass, `[adapt-all]` drops the exclusions; combine variants "
+        "with `+`, e.g. `keras_lamb.LAMB[adapt-all+unpacked]`).")
     parser.add_argument(
         "--xla", choices=["on", "off", "both"], default="both",
         help="TensorFlow backend: compile the step with XLA or not.")
@@ -120,6 +148,13 @@ def define_flags():
                         help="timed rounds; the median is reported.")
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed rounds after compilation.")
+    parser.add_argument(
+        "--steps-per-sample", type=int, default=1,
+        help="steps dispatched back to back per timed sample (JAX backend), "
+        "waiting for the device only after the last: the step time of a "
+        "training loop, where the host dispatches the next step while the "
+        "device runs this one. 1 times each step from call to completion, "
+        "host dispatch included.")
     parser.add_argument(
         "--smoke", action="store_true",
         help="tiny shapes, 1 round, no warm-up: checks that everything runs.")
@@ -135,12 +170,13 @@ def define_flags():
     args.optimizers = [o for o in args.optimizers.split(",") if o]
     for name in args.shapes:
         shape_set(name)  # raises on an unknown name
-    unknown = sorted(set(args.optimizers) - set(ALL_OPTIMIZERS))
+    unknown = sorted(o for o in args.optimizers if not known_optimizer(o))
     if unknown:
         parser.error(f"unknown optimizers {unknown}; choose from "
                      f"{ALL_OPTIMIZERS}")
-    if args.reps < 1 or args.warmup < 0:
-        parser.error("--reps must be >= 1 and --warmup >= 0")
+    if args.reps < 1 or args.warmup < 0 or args.steps_per_sample < 1:
+        parser.error("--reps and --steps-per-sample must be >= 1 and "
+                     "--warmup >= 0")
     return args
 
 
@@ -153,7 +189,8 @@ def make_keras_optimizer(name, set_name):
 
     import keras_lamb
 
-    exclude = EXCLUDE[set_name]
+    variants = variants_of(name)
+    exclude = None if "adapt-all" in variants else EXCLUDE[set_name]
     if name.startswith("keras_lamb.LAMB"):
         opt = keras_lamb.LAMB(
             learning_rate=LEARNING_RATE["lamb"], weight_decay=0.01,
@@ -176,8 +213,8 @@ def make_keras_optimizer(name, set_name):
         opt = keras.optimizers.SGD(LEARNING_RATE["sgd"], momentum=0.9)
     else:
         raise ValueError(name)
-    if "[" in name:
-        for attribute, value in VARIANTS[name[name.index("[") + 1:-1]].items():
+    for variant in variants:
+        for attribute, value in VARIANTS[variant].items():
             setattr(opt, attribute, value)
     return opt
 
@@ -228,12 +265,14 @@ def make_keras_variables(shapes, values):
 class Timer:
     """Interleaves the timed calls of several step functions.
 
-    `steps` maps a name to a zero-argument callable that runs one step and
-    blocks until it is done. The first call of each is its compilation.
+    `steps` maps a name to a zero-argument callable that runs
+    `steps_per_sample` steps and blocks until they are done. The first call
+    of each includes its compilation.
     """
 
-    def __init__(self, steps, reps, warmup):
+    def __init__(self, steps, reps, warmup, steps_per_sample=1):
         self.steps, self.reps, self.warmup = steps, reps, warmup
+        self.steps_per_sample = steps_per_sample
 
     def run(self):
         first = {}
@@ -253,19 +292,42 @@ class Timer:
                 step()
                 times[name].append(time.perf_counter() - start)
                 cpu_times[name].append(time.process_time() - cpu_start)
+        k = self.steps_per_sample
         return {
             name: {
-                "ms": 1e3 * statistics.median(t),
-                "ms_min": 1e3 * min(t),
+                "ms": 1e3 * statistics.median(t) / k,
+                "ms_min": 1e3 * min(t) / k,
                 # CPU time of all the process's threads: less sensitive than
                 # wall time to other processes competing for the cores.
-                "cpu_ms": 1e3 * statistics.median(cpu_times[name]),
+                "cpu_ms": 1e3 * statistics.median(cpu_times[name]) / k,
                 "first_call_ms": 1e3 * first[name],
                 "compile_ms": 1e3 * max(first[name] - statistics.median(t),
                                         0.0),
             }
             for name, t in times.items()
         }
+
+
+def hlo_kernel_count(hlo_text):
+    """Kernel-like instructions in an optimized HLO module (approximate).
+
+    Counts fusions, library calls (custom-call), copies and sorts outside the
+    bodies of fused computations: about one kernel launch each on GPU.
+    """
+    import re
+
+    opcode = re.compile(r"(?<![%\w.])(fusion|custom-call|copy|sort)\(")
+    count, inside_body = 0, False
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():  # a computation's header
+            name = line.split()[0].lstrip("%")
+            inside_body = name.startswith(
+                ("fused", "wrapped", "region", "horizontally_fused"))
+            continue
+        if not inside_body and " = " in line and opcode.search(
+                line.split(" = ", 1)[1]):
+            count += 1
+    return count
 
 
 def tf_worker(args, emit):
@@ -370,14 +432,25 @@ def jax_measure_set(args, optimizers, set_name, emit):
     copy_fn = jax.jit(lambda x: x + 1.0, donate_argnums=0)
 
     def copy_step():
-        copy["x"] = copy_fn(copy["x"])
+        for _ in range(args.steps_per_sample):
+            copy["x"] = copy_fn(copy["x"])
         copy["x"].block_until_ready()
 
-    def step_fn(update, state):
+    kernels = {}
+    k = args.steps_per_sample
+
+    def step_fn(update, state, name):
         fn = jax.jit(update, donate_argnums=(0, 1))
+        compiled = []
 
         def step():
-            state["opt"], params["p"] = fn(state["opt"], params["p"], grads)
+            if not compiled:  # ahead of time, to read the optimized HLO
+                compiled.append(
+                    fn.lower(state["opt"], params["p"], grads).compile())
+                kernels[name] = hlo_kernel_count(compiled[0].as_text())
+            for _ in range(k):
+                state["opt"], params["p"] = compiled[0](
+                    state["opt"], params["p"], grads)
             jax.block_until_ready(params["p"])
         return step
 
@@ -401,7 +474,7 @@ def jax_measure_set(args, optimizers, set_name, emit):
         if opt_name.startswith("optax."):
             tx = make_optax(opt_name, shapes, set_name)
             state = {"opt": jax.device_put(tx.init(params["p"]), device)}
-            steps[opt_name] = step_fn(optax_update(tx), state)
+            steps[opt_name] = step_fn(optax_update(tx), state, opt_name)
         else:
             opt = make_keras_optimizer(opt_name, set_name)
             opt.build(variables)
@@ -409,19 +482,21 @@ def jax_measure_set(args, optimizers, set_name, emit):
             # call does not compile again for a different placement.
             state = {"opt": [jax.device_put(v.value, device)
                              for v in opt.variables]}
-            steps[opt_name] = step_fn(keras_update(opt), state)
-    results = Timer(steps, args.reps, args.warmup).run()
+            steps[opt_name] = step_fn(keras_update(opt), state, opt_name)
+    results = Timer(steps, args.reps, args.warmup, k).run()
     copy_ms = results.pop("copy")["ms"]
     bandwidth = 8 * n_params / (copy_ms * 1e-3) / 1e9
     common = {"backend": "jax", "device": f"{device.platform}:"
               f"{getattr(device, 'device_kind', '')}",
               "shapes": set_name, "n_params": n_params,
-              "n_tensors": len(shapes), "reps": args.reps}
+              "n_tensors": len(shapes), "reps": args.reps,
+              "steps_per_sample": k}
     emit(dict(common, kind="bandwidth", ms=copy_ms, gb_per_s=bandwidth,
               what="x = x + 1 in place, jax.jit"))
     for opt_name, r in results.items():
-        emit(measurement(common, opt_name, r, n_params, bandwidth, xla=True,
-                         results=results, key=opt_name))
+        emit(dict(measurement(common, opt_name, r, n_params, bandwidth,
+                              xla=True, results=results, key=opt_name),
+                  hlo_kernels=kernels[opt_name]))
 
 
 def measurement(common, opt_name, r, n_params, bandwidth, xla, results, key):
@@ -473,7 +548,8 @@ def run_backend(backend, args):
                "--worker", backend, "--shapes", ",".join(args.shapes),
                "--optimizers", ",".join(args.optimizers),
                "--xla", args.xla, "--reps", str(args.reps),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup),
+               "--steps-per-sample", str(args.steps_per_sample)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                text=True)
     for line in process.stdout:
@@ -490,8 +566,8 @@ def markdown_table(records):
     lines = [
         "| backend | XLA | shapes | optimizer | ms | x ref | ref | "
         "x ref (CPU time) | compile ms | x ref compile | floor B/param | "
-        "GB/s | x floor |",
-        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "GB/s | x floor | HLO kernels |",
+        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         if r.get("kind") != "step":
@@ -505,7 +581,7 @@ def markdown_table(records):
             + f"{r['compile_ms']:.0f} | "
             + (f"{r['x_ref_compile']:.2f} | " if has_ref else " | ")
             + f"{r['floor_bytes_per_param']} | {r['gb_per_s']:.1f} | "
-            f"{r['x_floor']:.2f} |")
+            f"{r['x_floor']:.2f} | {r.get('hlo_kernels', '')} |")
     notes = []
     for r in records:
         if r.get("kind") == "bandwidth":

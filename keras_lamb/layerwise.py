@@ -11,6 +11,7 @@ from keras_lamb.trust_ratio import (
     ExclusionRule,
     check_number,
     sum_of_squares,
+    sums_of_squares,
 )
 
 STAT_NAMES = ("weight_norm", "update_norm", "trust_ratio", "learning_rate")
@@ -92,9 +93,10 @@ class Segments:
     elements.
     """
 
-    def __init__(self, sizes, norm_method):
+    def __init__(self, sizes, norm_method, joint_norms=False):
         self.count = len(sizes)
         self.norm_method = norm_method
+        self.joint_norms = joint_norms
         self.ids = None
         if self.count > 1:
             self.ids = ops.convert_to_tensor(
@@ -104,6 +106,11 @@ class Segments:
     def norms(self, *tensors):
         """The Euclidean norm of each segment of each tensor."""
         if self.ids is None:
+            if self.joint_norms and len(tensors) > 1:
+                return tuple(
+                    ops.sqrt(s)
+                    for s in sums_of_squares(tensors, self.norm_method)
+                )
             return tuple(
                 ops.sqrt(sum_of_squares(x, self.norm_method)) for x in tensors
             )
@@ -160,6 +167,10 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
     _norm_method = None
     # Pack small variables; `None` picks `default_pack_small_variables()`.
     _pack_small_variables = None
+    _pack_max_size = PACK_MAX_SIZE
+    _pack_max_count = PACK_MAX_COUNT
+    # Reduce both norms of a variable in one stacked reduction.
+    _joint_norms = False
 
     def __init__(
         self,
@@ -250,10 +261,10 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         units, packs = [], {}
         for grad, variable in zip(grads, trainable_variables):
             index, use_decay, use_adaptation = self._layer_flags(variable)
-            if pack and math.prod(variable.shape) <= PACK_MAX_SIZE:
+            if pack and math.prod(variable.shape) <= self._pack_max_size:
                 members = packs.setdefault((use_decay, use_adaptation), [])
                 members.append((index, grad, variable))
-                if len(members) == PACK_MAX_COUNT:
+                if len(members) == self._pack_max_count:
                     del packs[(use_decay, use_adaptation)]
                     units.append(
                         _pack_unit(members, use_decay, use_adaptation)
@@ -309,7 +320,8 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                     for j in range(len(slots[0]))
                 ]
             segments = Segments(
-                [math.prod(v.shape) for v in variables], norm_method
+                [math.prod(v.shape) for v in variables], norm_method,
+                self._joint_norms,
             )
             result = self._layerwise_update(
                 w, g, state, use_decay, use_adaptation, scalars, segments

@@ -9,7 +9,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "optimizer_step.py")
 OPTIMIZERS = ["keras_lamb.LAMB", "keras_lamb.LARS", "keras.Adam",
-              "keras_lamb.LAMB[reference]"]
+              "keras_lamb.LAMB[reference]",
+              "keras_lamb.LARS[adapt-all+rows+joint]"]
 
 
 def test_benchmark_smoke(tmp_path):
@@ -17,6 +18,7 @@ def test_benchmark_smoke(tmp_path):
     result = subprocess.run(
         [sys.executable, SCRIPT, "--smoke", "--backend", "all", "--xla", "on",
          "--optimizers", ",".join(OPTIMIZERS + ["optax.lamb"]),
+         "--steps-per-sample", "2",
          "--jsonl", str(jsonl), "--markdown", str(markdown)],
         capture_output=True, text=True, timeout=600,
     )
@@ -42,9 +44,24 @@ def test_benchmark_smoke(tmp_path):
         assert r["floor_bytes_per_param"] in (20, 28, 40)
         if r["optimizer"].startswith("keras_lamb.LAMB"):
             assert r["ref"] == "keras.Adam" and r["x_ref"] > 0
+        if r["backend"] == "jax":
+            # Read from the optimized HLO: an optimizer step is a few
+            # kernels per variable at least (5 variables in the smoke set).
+            assert r["hlo_kernels"] >= 5 and r["steps_per_sample"] == 2
     table = markdown.read_text()
     assert table.startswith("| backend | XLA | shapes | optimizer | ms |")
     assert table.count("| smoke |") == len(steps)
     # The JSON lines also go to stdout, followed by the table.
     assert result.stdout.count('"kind": "step"') == len(steps)
     assert "| keras_lamb.LAMB |" in result.stdout
+
+
+def test_benchmark_rejects_unknown_optimizers():
+    for name in ["keras.Adam[reference]", "keras_lamb.LAMB[fast]",
+                 "keras_lamb.LAMB[rows", "sgd"]:
+        result = subprocess.run(
+            [sys.executable, SCRIPT, "--smoke", "--optimizers", name],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 2, name
+        assert "unknown optimizers" in result.stderr, result.stderr

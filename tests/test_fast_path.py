@@ -15,7 +15,11 @@ import pytest
 import keras_lamb
 from conftest import TOLERANCES
 from keras_lamb.layerwise import PACK_MAX_SIZE, Segments
-from keras_lamb.trust_ratio import sum_of_squares
+from keras_lamb.trust_ratio import (
+    SUM_OF_SQUARES_METHODS,
+    sum_of_squares,
+    sums_of_squares,
+)
 
 # Edge cases first, then random shapes: a scalar, one element, a zero
 # variable, a zero gradient (no weight decay: a zero update), a long vector
@@ -97,8 +101,16 @@ LARS_CONFIGS = {
 }
 
 
+# The fast path's variants: the whole step, with small variables packed (in
+# packs of at most 16, or in one pack per exclusion group), one variable at a
+# time, and with both norms of a variable reduced in one stacked pass (each
+# way of forming the sums).
+FAST_PATHS = ["whole", "packed", "packall", "per_variable", "joint_reduce",
+              "joint_matvec", "joint_rows"]
+
+
 def make_optimizer(name, config, path):
-    """`path`: "reference", "whole", "packed" or "per_variable"."""
+    """`path`: "reference" or one of `FAST_PATHS`."""
     if name == "lamb":
         cls = PerVariableLAMB if path == "per_variable" else keras_lamb.LAMB
         kwargs = dict(learning_rate=0.05, weight_decay=0.1)
@@ -110,7 +122,12 @@ def make_optimizer(name, config, path):
               exclude_from_layer_adaptation=ADAPTATION_EXCLUDED,
               track_trust_ratios=True, **kwargs, **config)
     opt._use_reference_path = path == "reference"
-    opt._pack_small_variables = path == "packed"
+    opt._pack_small_variables = path in ("packed", "packall")
+    if path == "packall":
+        opt._pack_max_count = 1 << 30
+    if path.startswith("joint_"):
+        opt._joint_norms = True
+        opt._norm_method = path[len("joint_"):]
     return opt
 
 
@@ -138,7 +155,7 @@ def assert_same(a, b, dtype="float32"):
                 atol=1e-7, err_msg=f"{path} {stat}")
 
 
-@pytest.mark.parametrize("path", ["whole", "packed", "per_variable"])
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("config", LAMB_CONFIGS)
 def test_lamb_fast_path_equals_reference(config, path):
     specs = FIXED_SPECS + random_specs(1)
@@ -148,7 +165,7 @@ def test_lamb_fast_path_equals_reference(config, path):
     assert_same(fast, reference)
 
 
-@pytest.mark.parametrize("path", ["whole", "packed", "per_variable"])
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("config", LARS_CONFIGS)
 def test_lars_fast_path_equals_reference(config, path):
     specs = FIXED_SPECS + random_specs(2)
@@ -182,16 +199,43 @@ def test_the_step_changes_the_variables():
     assert moved == [path != "frozen/bias" for path, *_ in specs]
 
 
-@pytest.mark.parametrize("method", ["reduce", "matvec"])
+SUM_SHAPES = [(), (1,), (7, 3), (70001,), (81920,), (700, 300),
+              (3, 3, 16, 32)]
+
+
+@pytest.mark.parametrize("method", SUM_OF_SQUARES_METHODS)
 def test_sum_of_squares_equals_numpy(method):
     rng = np.random.default_rng(5)
-    for shape in [(), (1,), (7, 3), (70001,), (81920,), (700, 300),
-                  (3, 3, 16, 32)]:
+    for shape in SUM_SHAPES:
         x = rng.standard_normal(shape).astype("float32")
         got = sum_of_squares(keras.ops.convert_to_tensor(x), method)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
                                    np.sum(x.astype("float64") ** 2),
                                    rtol=1e-5, err_msg=str(shape))
+
+
+@pytest.mark.parametrize("method", SUM_OF_SQUARES_METHODS)
+def test_sums_of_squares_equal_numpy(method):
+    rng = np.random.default_rng(8)
+    for shape in SUM_SHAPES:
+        xs = [scale * rng.standard_normal(shape).astype("float32")
+              for scale in (1.0, 1e-3, 30.0)]
+        got = sums_of_squares(
+            [keras.ops.convert_to_tensor(x) for x in xs], method)
+        assert len(got) == 3
+        for value, x in zip(got, xs):
+            np.testing.assert_allclose(
+                keras.ops.convert_to_numpy(value),
+                np.sum(x.astype("float64") ** 2), rtol=1e-5,
+                err_msg=str(shape))
+
+
+def test_unknown_sum_of_squares_method():
+    x = keras.ops.ones((3,))
+    with pytest.raises(ValueError, match="'l1'.*expected one of"):
+        sum_of_squares(x, "l1")
+    with pytest.raises(ValueError, match="'l1'.*expected one of"):
+        sums_of_squares([x, x], "l1")
 
 
 def test_segment_norms_equal_numpy():
