@@ -158,6 +158,9 @@ def define_flags():
     parser.add_argument(
         "--smoke", action="store_true",
         help="tiny shapes, 1 round, no warm-up: checks that everything runs.")
+    parser.add_argument(
+        "--dump-hlo", default=None,
+        help="JAX backend: write each step's optimized HLO to this folder.")
     parser.add_argument("--jsonl", default=None,
                         help="also write the JSON lines to this file.")
     parser.add_argument("--markdown", default=None,
@@ -422,9 +425,13 @@ def jax_measure_set(args, optimizers, set_name, emit):
     import jax.numpy as jnp
 
     device = jax.devices()[0]
+    # Keras variables (parameters and optimizer slots) stay on the host: the
+    # steps run on device copies of their values, one set per optimizer.
+    host = jax.devices("cpu")[0]
     shapes, n_params = shape_set(set_name)
     values = random_values(shapes, 0)
-    variables = make_keras_variables(shapes, values)
+    with jax.default_device(host):
+        variables = make_keras_variables(shapes, values)
     params = {"p": [jax.device_put(v, device) for v in values]}
     del values
     grads = [jax.device_put(g, device) for g in random_values(shapes, 1)]
@@ -436,7 +443,7 @@ def jax_measure_set(args, optimizers, set_name, emit):
             copy["x"] = copy_fn(copy["x"])
         copy["x"].block_until_ready()
 
-    kernels = {}
+    kernels, hlo = {}, {}
     k = args.steps_per_sample
 
     def step_fn(update, state, name):
@@ -447,7 +454,8 @@ def jax_measure_set(args, optimizers, set_name, emit):
             if not compiled:  # ahead of time, to read the optimized HLO
                 compiled.append(
                     fn.lower(state["opt"], params["p"], grads).compile())
-                kernels[name] = hlo_kernel_count(compiled[0].as_text())
+                hlo[name] = compiled[0].as_text()
+                kernels[name] = hlo_kernel_count(hlo[name])
             for _ in range(k):
                 state["opt"], params["p"] = compiled[0](
                     state["opt"], params["p"], grads)
@@ -477,13 +485,20 @@ def jax_measure_set(args, optimizers, set_name, emit):
             steps[opt_name] = step_fn(optax_update(tx), state, opt_name)
         else:
             opt = make_keras_optimizer(opt_name, set_name)
-            opt.build(variables)
+            with jax.default_device(host):
+                opt.build(variables)
             # Committed to the device like the parameters, so the second
             # call does not compile again for a different placement.
             state = {"opt": [jax.device_put(v.value, device)
                              for v in opt.variables]}
             steps[opt_name] = step_fn(keras_update(opt), state, opt_name)
     results = Timer(steps, args.reps, args.warmup, k).run()
+    if args.dump_hlo:
+        os.makedirs(args.dump_hlo, exist_ok=True)
+        for name, text in hlo.items():
+            path = os.path.join(args.dump_hlo, f"{set_name}_{name}.hlo.txt")
+            with open(path, "w") as f:
+                f.write(text)
     copy_ms = results.pop("copy")["ms"]
     bandwidth = 8 * n_params / (copy_ms * 1e-3) / 1e9
     common = {"backend": "jax", "device": f"{device.platform}:"
@@ -491,8 +506,10 @@ def jax_measure_set(args, optimizers, set_name, emit):
               "shapes": set_name, "n_params": n_params,
               "n_tensors": len(shapes), "reps": args.reps,
               "steps_per_sample": k}
+    memory = device.memory_stats() or {}  # None on CPU
     emit(dict(common, kind="bandwidth", ms=copy_ms, gb_per_s=bandwidth,
-              what="x = x + 1 in place, jax.jit"))
+              what="x = x + 1 in place, jax.jit",
+              peak_device_bytes=memory.get("peak_bytes_in_use")))
     for opt_name, r in results.items():
         emit(dict(measurement(common, opt_name, r, n_params, bandwidth,
                               xla=True, results=results, key=opt_name),
@@ -550,6 +567,8 @@ def run_backend(backend, args):
                "--xla", args.xla, "--reps", str(args.reps),
                "--warmup", str(args.warmup),
                "--steps-per-sample", str(args.steps_per_sample)]
+    if args.dump_hlo:
+        command += ["--dump-hlo", os.path.abspath(args.dump_hlo)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                text=True)
     for line in process.stdout:
