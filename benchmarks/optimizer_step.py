@@ -159,6 +159,13 @@ def define_flags():
         "--smoke", action="store_true",
         help="tiny shapes, 1 round, no warm-up: checks that everything runs.")
     parser.add_argument(
+        "--in-graph-loop", action="store_true",
+        help="JAX backend: run the steps of a sample inside one compiled "
+        "program (`jax.lax.fori_loop`), so that the time is the device's: "
+        "the host dispatches one call per sample. Without it, each step is "
+        "one call, whose host-side cost (flattening and donating every "
+        "parameter and slot) can exceed the device time on a GPU.")
+    parser.add_argument(
         "--dump-hlo", default=None,
         help="JAX backend: write each step's optimized HLO to this folder.")
     parser.add_argument("--jsonl", default=None,
@@ -314,20 +321,24 @@ class Timer:
 def hlo_kernel_count(hlo_text):
     """Kernel-like instructions in an optimized HLO module (approximate).
 
-    Counts fusions, library calls (custom-call), copies and sorts outside the
-    bodies of fused computations: about one kernel launch each on GPU.
+    Counts fusions, library calls (custom-call), copies and sorts in the
+    entry computation, in while-loop bodies and in any other computation
+    that is not the body of a fusion, a reduction's combiner or a loop
+    condition: about one kernel launch each on GPU (a loop body counts once).
     """
     import re
 
     opcode = re.compile(r"(?<![%\w.])(fusion|custom-call|copy|sort)\(")
-    count, inside_body = 0, False
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo_text))
+    count, counted = 0, False
     for line in hlo_text.splitlines():
         if line and not line[0].isspace():  # a computation's header
             name = line.split()[0].lstrip("%")
-            inside_body = name.startswith(
-                ("fused", "wrapped", "region", "horizontally_fused"))
+            counted = line.startswith("ENTRY") or name in bodies or (
+                not name.startswith(("fused", "wrapped", "region",
+                                     "horizontally_fused")))
             continue
-        if not inside_body and " = " in line and opcode.search(
+        if counted and " = " in line and opcode.search(
                 line.split(" = ", 1)[1]):
             count += 1
     return count
@@ -437,16 +448,32 @@ def jax_measure_set(args, optimizers, set_name, emit):
     grads = [jax.device_put(g, device) for g in random_values(shapes, 1)]
     copy = {"x": jax.device_put(jnp.zeros([n_params], "float32"), device)}
     copy_fn = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+    if args.in_graph_loop:
+        copy_fn = jax.jit(lambda x: jax.lax.fori_loop(
+            0, args.steps_per_sample, lambda _, y: y + 1.0, x),
+            donate_argnums=0)
 
     def copy_step():
-        for _ in range(args.steps_per_sample):
+        for _ in range(1 if args.in_graph_loop else args.steps_per_sample):
             copy["x"] = copy_fn(copy["x"])
         copy["x"].block_until_ready()
 
     kernels, hlo = {}, {}
     k = args.steps_per_sample
 
+    calls = 1 if args.in_graph_loop else k
+
+    def in_graph_loop(update):
+        """`update` run `k` times in one program (a `fori_loop`)."""
+        def run(opt_state, p, grads):
+            def body(_, carry):
+                return update(carry[0], carry[1], grads)
+            return jax.lax.fori_loop(0, k, body, (opt_state, p))
+        return run
+
     def step_fn(update, state, name):
+        if args.in_graph_loop:
+            update = in_graph_loop(update)
         fn = jax.jit(update, donate_argnums=(0, 1))
         compiled = []
 
@@ -456,7 +483,7 @@ def jax_measure_set(args, optimizers, set_name, emit):
                     fn.lower(state["opt"], params["p"], grads).compile())
                 hlo[name] = compiled[0].as_text()
                 kernels[name] = hlo_kernel_count(hlo[name])
-            for _ in range(k):
+            for _ in range(calls):
                 state["opt"], params["p"] = compiled[0](
                     state["opt"], params["p"], grads)
             jax.block_until_ready(params["p"])
@@ -505,7 +532,7 @@ def jax_measure_set(args, optimizers, set_name, emit):
               f"{getattr(device, 'device_kind', '')}",
               "shapes": set_name, "n_params": n_params,
               "n_tensors": len(shapes), "reps": args.reps,
-              "steps_per_sample": k}
+              "steps_per_sample": k, "in_graph_loop": args.in_graph_loop}
     memory = device.memory_stats() or {}  # None on CPU
     emit(dict(common, kind="bandwidth", ms=copy_ms, gb_per_s=bandwidth,
               what="x = x + 1 in place, jax.jit",
@@ -569,6 +596,8 @@ def run_backend(backend, args):
                "--steps-per-sample", str(args.steps_per_sample)]
     if args.dump_hlo:
         command += ["--dump-hlo", os.path.abspath(args.dump_hlo)]
+    if args.in_graph_loop:
+        command.append("--in-graph-loop")
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                text=True)
     for line in process.stdout:
