@@ -75,7 +75,7 @@ OPTAX_OPTIMIZERS = ["optax.lamb", "optax.lars", "optax.adam"]
 # per-variable reference path (the code before the fast path), the fast path
 # with small variables packed or not (and in packs of any length), each way of
 # computing the norms (the defaults depend on the backend and device), both
-# norms in one stacked reduction, and no exclusions (every variable decayed
+# norms in one stacked reduction or in two, and no exclusions (every variable decayed
 # and adapted, so packs hold adapted variables too). Variants combine with
 # `+`: `keras_lamb.LAMB[adapt-all+unpacked]`.
 VARIANTS = {
@@ -87,6 +87,7 @@ VARIANTS = {
     "matvec": {"_norm_method": "matvec"},
     "rows": {"_norm_method": "rows"},
     "joint": {"_joint_norms": True},
+    "separate": {"_joint_norms": False},
     "adapt-all": {},  # handled in make_keras_optimizer
 }
 ALL_OPTIMIZERS = KERAS_OPTIMIZERS + OPTAX_OPTIMIZERS + [
@@ -138,8 +139,8 @@ def define_flags():
         "per-variable reference path of keras_lamb, `[packed]`, "
         "`[unpacked]` and `[packall]` force small-variable packing on, off "
         "or in packs of any length, `[reduce]`, `[matvec]` and `[rows]` "
-        "force a way of computing the norms, `[joint]` reduces both norms "
-        "in one pass, `[adapt-all]` drops the exclusions; combine variants "
+        "force a way of computing the norms, `[joint]` and `[separate]` "
+        "reduce both norms in one pass or in two, `[adapt-all]` drops the exclusions; combine variants "
         "with `+`, e.g. `keras_lamb.LAMB[adapt-all+unpacked]`).")
     parser.add_argument(
         "--xla", choices=["on", "off", "both"], default="both",

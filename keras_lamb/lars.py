@@ -85,6 +85,11 @@ class LARS(LayerwiseAdaptiveOptimizer):
     ... )
     """
 
+    # Two separate norm reductions everywhere: the stacked one was measured
+    # for LAMB, whose fused moment updates it keeps in place on GPUs
+    # (`layerwise.default_joint_norms`); LARS's norms read only w and g.
+    _joint_norms = False
+
     def __init__(
         self,
         learning_rate=1.0,

@@ -16,7 +16,7 @@ from keras_lamb.trust_ratio import (
 
 STAT_NAMES = ("weight_norm", "update_norm", "trust_ratio", "learning_rate")
 
-# Where packing is on (see `default_pack_small_variables`), variables with at
+# Where packing is on (`_pack_small_variables`), variables with at
 # most this many values (biases, LayerNorm and BatchNorm scales) of equal
 # exclusion flags are updated together, laid end to end in one vector, so
 # that a step over hundreds of them is a few kernels rather than hundreds.
@@ -56,33 +56,51 @@ def dense_float32(gradient):
     return ops.cast(gradient, "float32")
 
 
-def default_norm_method():
-    """The `sum_of_squares` method measured fastest on the current backend.
-
-    `"matvec"` on TensorFlow (XLA:CPU reductions are serial loops; without
-    XLA both methods cost the same), `"reduce"` elsewhere. See
-    the README's "Performance" section.
-    """
-    return "matvec" if keras.backend.backend() == "tensorflow" else "reduce"
-
-
-def default_pack_small_variables():
-    """Whether to pack small variables on the current backend and device.
-
-    Off on CPU, where it was measured: no gain at run time (BERT-base shapes,
-    TensorFlow without XLA: LAMB 1.48x Keras Adam unpacked, 1.48-1.55x
-    packed) and longer XLA compiles, since XLA fuses a pack's concatenation
-    into the kernel of every variable written back from it (LAMB step: 13 s
-    unpacked, 18 s in packs of 16). On for JAX on GPU and TPU, where a step
-    over hundreds of small tensors is bound by kernel launches (not yet
-    measured here; `benchmarks/optimizer_step.py` compares both with
-    `keras_lamb.LAMB[packed]` and `[unpacked]`).
-    """
-    if keras.backend.backend() == "jax":
+def on_accelerator():
+    """Whether the current Keras backend computes on a GPU or TPU."""
+    backend = keras.backend.backend()
+    if backend == "jax":
         import jax
 
         return jax.default_backend() != "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf  # already imported by the Keras backend
+
+        return bool(
+            tf.config.list_logical_devices("GPU")
+            or tf.config.list_logical_devices("TPU")
+        )
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
     return False
+
+
+def default_norm_method():
+    """The `sum_of_squares` method measured fastest where the step runs.
+
+    `"matvec"` for TensorFlow on CPU (XLA:CPU reductions are serial loops;
+    without XLA both methods cost the same), `"reduce"` elsewhere (JAX's
+    XLA:CPU; on an H100 `"reduce"` and `"rows"` were within noise). See
+    the README's "Performance" section.
+    """
+    if keras.backend.backend() == "tensorflow" and not on_accelerator():
+        return "matvec"
+    return "reduce"
+
+
+def default_joint_norms():
+    """Whether LAMB reduces the two norms of a variable in one stacked pass.
+
+    On for GPUs and TPUs: measured on an H100 (JAX, BERT-large shapes), the
+    LAMB step fell from 9.6 to 8.2 ms, because XLA:GPU otherwise fuses the
+    norms with the moment updates into a reduction whose outputs cannot
+    share the slots' buffers and copies every m and v once more. Off on
+    CPU, where it was measured slower (BERT-base shapes: JAX 440 -> 728 ms,
+    TensorFlow without XLA 524 -> 613 ms, with XLA within noise).
+    """
+    return on_accelerator()
 
 
 class Segments:
@@ -148,8 +166,8 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
 
     - `_backend_update_step` (the whole step, outside `tf.distribute`)
       computes the per-step scalars once and updates each variable, or, where
-      packing is on (`default_pack_small_variables`), each pack of small
-      variables of equal exclusion flags;
+      packing is on (`_pack_small_variables`), each pack of small variables
+      of equal exclusion flags;
     - `update_step` (one variable; Keras calls it per variable inside
       `tf.distribute` strategies, and subclasses may override it) updates one
       variable.
@@ -165,12 +183,21 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
     _use_reference_path = False
     # `sum_of_squares` method; `None` picks `default_norm_method()`.
     _norm_method = None
-    # Pack small variables; `None` picks `default_pack_small_variables()`.
-    _pack_small_variables = None
+    # Reduce both norms of a variable in one stacked reduction; `None` picks
+    # `default_joint_norms()`.
+    _joint_norms = None
+    # Pack small variables (biases, normalization scales) end to end. Off:
+    # measured slower everywhere. CPU (BERT-base shapes, TensorFlow without
+    # XLA): LAMB 1.48x Keras Adam unpacked, 1.48-1.55x packed, and longer XLA
+    # compiles (13 s -> 18 s), since XLA fuses a pack's concatenation into
+    # the kernel of every variable written back from it. H100 (JAX):
+    # ResNet-50 LARS 1.17 ms unpacked, 3.57 ms packed; BERT-large LAMB 9.6
+    # vs 10.4 ms, because XLA copies the pieces of each pack into the
+    # variables' buffers. Kept for measuring other devices
+    # (`benchmarks/optimizer_step.py`, `[packed]`).
+    _pack_small_variables = False
     _pack_max_size = PACK_MAX_SIZE
     _pack_max_count = PACK_MAX_COUNT
-    # Reduce both norms of a variable in one stacked reduction.
-    _joint_norms = False
 
     def __init__(
         self,
@@ -256,8 +283,6 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                 grads, trainable_variables, learning_rate
             )
         pack = self._pack_small_variables
-        if pack is None:
-            pack = default_pack_small_variables()
         units, packs = [], {}
         for grad, variable in zip(grads, trainable_variables):
             index, use_decay, use_adaptation = self._layer_flags(variable)
@@ -304,6 +329,9 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         use_adaptation)`.
         """
         norm_method = self._norm_method or default_norm_method()
+        joint_norms = self._joint_norms
+        if joint_norms is None:
+            joint_norms = default_joint_norms()
         for indices, grads, variables, use_decay, use_adaptation in units:
             slots = [self._slots(index) for index in indices]
             if len(variables) == 1:
@@ -321,7 +349,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                 ]
             segments = Segments(
                 [math.prod(v.shape) for v in variables], norm_method,
-                self._joint_norms,
+                joint_norms,
             )
             result = self._layerwise_update(
                 w, g, state, use_decay, use_adaptation, scalars, segments

@@ -14,6 +14,7 @@ import pytest
 
 import keras_lamb
 from conftest import TOLERANCES
+from keras_lamb import layerwise
 from keras_lamb.layerwise import PACK_MAX_SIZE, Segments
 from keras_lamb.trust_ratio import (
     SUM_OF_SQUARES_METHODS,
@@ -255,6 +256,19 @@ def test_segment_norms_equal_numpy():
         np.arange(4, dtype="float32")))
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(expanded),
                                   np.repeat(np.arange(4), sizes))
+
+
+def test_defaults_on_this_machine():
+    # The CI machine has no accelerator: the CPU choices apply (see
+    # `default_norm_method` and `default_joint_norms` for the measurements).
+    assert not layerwise.on_accelerator()
+    expected = "matvec" if keras.backend.backend() == "tensorflow" else "reduce"
+    assert layerwise.default_norm_method() == expected
+    assert layerwise.default_joint_norms() is False
+    # Packing is off by default; LARS never stacks its norms by default.
+    assert keras_lamb.LAMB()._pack_small_variables is False
+    assert keras_lamb.LAMB()._joint_norms is None
+    assert keras_lamb.LARS()._joint_norms is False
 
 
 def test_whole_step_only_where_allowed():
