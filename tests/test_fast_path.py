@@ -279,3 +279,27 @@ def test_whole_step_only_where_allowed():
     reference = keras_lamb.LARS()
     reference._use_reference_path = True
     assert not reference._whole_step_allowed()
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+@pytest.mark.parametrize("path", ["whole", "packed", "per_variable"])
+def test_no_persistent_memory_beyond_the_slots(name, path):
+    # LAMB keeps m and v per variable, LARS the momentum; everything else the
+    # optimizer owns is a scalar (iteration count, learning rate), whichever
+    # path stepped it. (`track_trust_ratios=True` adds four scalars per
+    # variable on request; it is off here.)
+    specs = FIXED_SPECS + random_specs(4)
+    opt = make_optimizer(name, {}, path)
+    opt.track_trust_ratios = False
+    variables = make_variables(specs)
+    opt.apply(make_gradients(specs, 0), variables)
+    slot_shapes = sorted(
+        (tuple(v.shape) for v in opt.variables if len(v.shape) > 0), key=str)
+    per_variable = 2 if name == "lamb" else 1
+    expected = sorted((tuple(v.shape) for v in variables if len(v.shape) > 0),
+                      key=str) * per_variable
+    assert slot_shapes == sorted(expected, key=str)
+    scalars = [v for v in opt.variables if len(v.shape) == 0]
+    # The slots of the scalar variable ("scale/kernel"), plus iterations and
+    # the learning rate.
+    assert len(scalars) <= per_variable + 2
