@@ -61,16 +61,16 @@ def measure(torch, set_name, args):
     common = {"backend": "torch", "device": torch.cuda.get_device_name(),
               "shapes": set_name, "n_params": n_params,
               "n_tensors": len(shapes), "torch": torch.__version__}
-    x = torch.randn(n_params, device="cuda", generator=gen)
-    y = torch.empty_like(x)
-    copy_ms = time_ms(torch, lambda: y.copy_(x), args.reps,
-                      args.steps_per_sample)
+    buffers = {"x": torch.randn(n_params, device="cuda", generator=gen)}
+    buffers["y"] = torch.empty_like(buffers["x"])
+    copy_ms = time_ms(torch, lambda: buffers["y"].copy_(buffers["x"]),
+                      args.reps, args.steps_per_sample)
     bandwidth = 8 * n_params / (copy_ms * 1e-3) / 1e9
     print(json.dumps(dict(common, kind="bandwidth", ms=copy_ms,
                           gb_per_s=bandwidth,
                           what="torch copy_ (read 4 B, write 4 B)")),
           flush=True)
-    del x, y
+    buffers.clear()  # frees the copy's 2 x n_params floats
     params = [torch.nn.Parameter(0.02 * torch.randn(
         shape, device="cuda", generator=gen)) for _, shape in shapes]
     for p in params:
