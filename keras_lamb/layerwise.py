@@ -1,5 +1,6 @@
 """Base class of the layer-wise adaptive optimizers (LAMB, LARS)."""
 
+import functools
 import math
 import numbers
 
@@ -56,8 +57,13 @@ def dense_float32(gradient):
     return ops.cast(gradient, "float32")
 
 
+@functools.lru_cache(maxsize=None)
 def on_accelerator():
-    """Whether the current Keras backend computes on a GPU or TPU."""
+    """Whether the current Keras backend computes on a GPU or TPU.
+
+    Asked when a step is traced, per variable inside `tf.distribute`; the
+    answer holds for the process (its backend and devices are fixed).
+    """
     backend = keras.backend.backend()
     if backend == "jax":
         import jax

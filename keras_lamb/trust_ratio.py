@@ -49,18 +49,7 @@ def sum_of_squares(x, method="reduce"):
               the row sums: a two-stage reduction written out, which GPU
               compilers emit as a row reduction fused with the squaring.
     """
-    if method not in SUM_OF_SQUARES_METHODS:
-        raise ValueError(
-            f"Unknown sum_of_squares method {method!r}; expected one of "
-            f"{SUM_OF_SQUARES_METHODS}."
-        )
-    rows = _row_view(tuple(x.shape)) if method != "reduce" else None
-    if rows is None:
-        return ops.sum(ops.square(x))
-    squares = ops.reshape(ops.square(x), rows)
-    if method == "rows":
-        return ops.sum(ops.sum(squares, axis=1))
-    return ops.sum(ops.matmul(squares, ops.ones((rows[1],), "float32")))
+    return _sum_squares(ops.square(x), (), tuple(x.shape), method)
 
 
 def sums_of_squares(tensors, method="reduce"):
@@ -70,27 +59,31 @@ def sums_of_squares(tensors, method="reduce"):
     reduction that reads each input once, whatever it makes of two sibling
     reductions. Returns a tuple of scalars.
     """
+    count = len(tensors)
+    squares = ops.stack([ops.square(x) for x in tensors])
+    sums = _sum_squares(squares, (count,), tuple(tensors[0].shape), method)
+    return tuple(sums[i] for i in range(count))
+
+
+def _sum_squares(squares, lead, shape, method):
+    """Sums `squares` (shape `lead + shape`) over the `shape` axes."""
     if method not in SUM_OF_SQUARES_METHODS:
         raise ValueError(
             f"Unknown sum_of_squares method {method!r}; expected one of "
             f"{SUM_OF_SQUARES_METHODS}."
         )
-    count = len(tensors)
-    squares = ops.stack([ops.square(x) for x in tensors])
-    rows = _row_view(tuple(tensors[0].shape)) if method != "reduce" else None
+    rows = _row_view(shape) if method != "reduce" else None
     if rows is None:
-        sums = ops.sum(ops.reshape(squares, (count, -1)), axis=1)
-    elif method == "rows":
-        sums = ops.sum(
-            ops.sum(ops.reshape(squares, (count,) + rows), axis=2), axis=1
-        )
-    else:
-        products = ops.matmul(
-            ops.reshape(squares, (count * rows[0], rows[1])),
-            ops.ones((rows[1],), "float32"),
-        )
-        sums = ops.sum(ops.reshape(products, (count, rows[0])), axis=1)
-    return tuple(sums[i] for i in range(count))
+        if not lead:
+            return ops.sum(squares)
+        return ops.sum(ops.reshape(squares, lead + (-1,)), axis=-1)
+    squares = ops.reshape(squares, lead + rows)
+    if method == "rows":
+        return ops.sum(ops.sum(squares, axis=-1), axis=-1)
+    products = ops.matmul(
+        ops.reshape(squares, (-1, rows[1])), ops.ones((rows[1],), "float32")
+    )
+    return ops.sum(ops.reshape(products, lead + (rows[0],)), axis=-1)
 
 
 def _row_view(shape):

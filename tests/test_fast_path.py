@@ -156,23 +156,19 @@ def assert_same(a, b, dtype="float32"):
                 atol=1e-7, err_msg=f"{path} {stat}")
 
 
-@pytest.mark.parametrize("path", FAST_PATHS)
-@pytest.mark.parametrize("config", LAMB_CONFIGS)
-def test_lamb_fast_path_equals_reference(config, path):
-    specs = FIXED_SPECS + random_specs(1)
-    reference = run(make_optimizer("lamb", LAMB_CONFIGS[config], "reference"),
-                    specs)
-    fast = run(make_optimizer("lamb", LAMB_CONFIGS[config], path), specs)
-    assert_same(fast, reference)
+CONFIGS = {"lamb": LAMB_CONFIGS, "lars": LARS_CONFIGS}
+SPEC_SEEDS = {"lamb": 1, "lars": 2}
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)
-@pytest.mark.parametrize("config", LARS_CONFIGS)
-def test_lars_fast_path_equals_reference(config, path):
-    specs = FIXED_SPECS + random_specs(2)
-    reference = run(make_optimizer("lars", LARS_CONFIGS[config], "reference"),
-                    specs)
-    fast = run(make_optimizer("lars", LARS_CONFIGS[config], path), specs)
+@pytest.mark.parametrize("name, config", [
+    (name, config) for name, configs in CONFIGS.items() for config in configs
+])
+def test_fast_path_equals_reference(name, config, path):
+    specs = FIXED_SPECS + random_specs(SPEC_SEEDS[name])
+    config = CONFIGS[name][config]
+    reference = run(make_optimizer(name, config, "reference"), specs)
+    fast = run(make_optimizer(name, config, path), specs)
     assert_same(fast, reference)
 
 
