@@ -57,6 +57,24 @@ def dense_float32(gradient):
     return ops.cast(gradient, "float32")
 
 
+def _in_tf_replica_context():
+    """Whether this TensorFlow step runs inside a strategy's replica
+    context (`strategy.run`, or `fit` under `strategy.scope()`)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    from keras_lamb import tf_distribute
+
+    return tf_distribute.in_replica_context()
+
+
+def _dense_like_keras(gradient):
+    """A sparse `IndexedSlices` gradient densified, repeated indices
+    summed; other gradients unchanged (and uncast)."""
+    if hasattr(gradient, "indices") and hasattr(gradient, "dense_shape"):
+        return ops.add(gradient, ops.zeros((), gradient.dtype))
+    return gradient
+
+
 @functools.lru_cache(maxsize=None)
 def on_accelerator():
     """Whether the current Keras backend computes on a GPU or TPU.
@@ -282,6 +300,25 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             [([index], [gradient], [variable], use_decay, use_adaptation)],
             self._step_scalars(learning_rate),
         )
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if _in_tf_replica_context():
+            # Under tf.distribute: all-reduce, then clip, accumulate and
+            # average exactly as one device does (see `tf_distribute`).
+            from keras_lamb import tf_distribute
+
+            return tf_distribute.apply_gradients(
+                self, grads, trainable_variables
+            )
+        return super()._backend_apply_gradients(grads, trainable_variables)
+
+    def _clip_gradients(self, grads):
+        if self.clipnorm or self.global_clipnorm or self.clipvalue:
+            # Clip the summed sparse gradient, not its unsummed rows.
+            grads = [
+                g if g is None else _dense_like_keras(g) for g in grads
+            ]
+        return super()._clip_gradients(grads)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         if not self._whole_step_allowed():
