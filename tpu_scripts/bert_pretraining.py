@@ -6,24 +6,25 @@
 - `plan_hyperparameters`: a recipe's numbers (`keras_lamb.recipes`) with
   every value a flag sets explicitly overriding the recipe's;
 - `make_optimizer`: LAMB, LARS, AdamW or Adam with a warmup + polynomial
-  decay schedule, clipping and the BERT exclusions, optionally accumulating
-  gradients over several steps; `make_training_optimizer` adds two fixes
-  for Keras 3 under the trainer (dense embedding gradients, the global-norm
-  clip after the cross-replica all-reduce; see their functions);
+  decay schedule, clipping and the BERT exclusions; `make_training_optimizer`
+  densifies embedding gradients for Keras's own optimizers (see
+  `densify_sparse_gradients`). LAMB and LARS clip the all-reduced gradient
+  by themselves under every strategy;
 - `BertPretrainingTask`: the loss and metrics for `trainer.Trainer`.
 
 Gradient accumulation. With `gradient_accumulation_steps=k` each trainer step
-runs a micro-batch of `global_batch_size / k` examples and the optimizer
-(Keras's `gradient_accumulation_steps`) updates the weights every k steps
-with the mean of the k micro-batch gradients. Each micro-batch loss is the
-mean of per-example losses, so that mean gradient is exactly the gradient of
-the mean loss over all `global_batch_size` examples: BERT has no BatchNorm
-(nothing couples the examples of a micro-batch) and, with dropout off, the
-k-step update equals one step on the whole batch up to float summation order
-(`tests/test_bert_pretraining.py` checks this). With dropout on, the masks
-differ but are drawn from the same distribution. Learning-rate schedules are
-written in optimizer updates and wrapped in `UpdateStepSchedule`, because
-Keras evaluates them at the micro-step count.
+is one optimizer update on `global_batch_size` examples: every replica runs
+its share as k micro-batches of `global_batch_size / (k * replicas)`, sums
+their gradients locally, and the optimizer all-reduces and applies the sum
+once (`trainer.Trainer(gradient_accumulation_steps=k)`). Each micro-batch
+loss is divided by the whole update's batch, so that sum is exactly the
+gradient of the mean loss over all `global_batch_size` examples: BERT has no
+BatchNorm (nothing couples the examples of a micro-batch) and, with dropout
+off, the k micro-batches equal one step on the whole batch up to float
+summation order (`tests/test_bert_pretraining.py` checks this). With dropout
+on, the masks differ but are drawn from the same distribution. Steps,
+schedules, `--eval_every_steps` and `--save_checkpoints_steps` all count
+optimizer updates.
 
 Loss. Per example: the mean cross-entropy over its masked positions plus the
 next-sentence cross-entropy; the batch loss is the mean over examples.
@@ -71,42 +72,6 @@ HYPERPARAMETER_FLAGS = (
     "weight_decay", "beta_1", "beta_2", "epsilon", "clipnorm", "momentum",
     "trust_coefficient",
 )
-
-
-@keras.saving.register_keras_serializable(package="tpu_scripts")
-class UpdateStepSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Evaluates `schedule` at the optimizer-update count.
-
-    Keras evaluates learning-rate schedules at the *micro-step* count when an
-    optimizer accumulates gradients; this wrapper divides it by
-    `gradient_accumulation_steps`, so a schedule written in updates (warmup
-    steps, total steps of a recipe) keeps its meaning.
-    """
-
-    def __init__(self, schedule, gradient_accumulation_steps):
-        super().__init__()
-        self.schedule = schedule
-        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
-
-    def __call__(self, step):
-        step = keras.ops.convert_to_tensor(step)
-        return self.schedule(
-            keras.ops.floor_divide(step, self.gradient_accumulation_steps)
-        )
-
-    def get_config(self):
-        return {
-            "schedule": keras.saving.serialize_keras_object(self.schedule),
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["schedule"] = keras.saving.deserialize_keras_object(
-            config["schedule"]
-        )
-        return cls(**config)
 
 
 # ----------------------------------------------------------------------------
@@ -233,8 +198,7 @@ def make_schedule(plan):
         end_learning_rate=plan["end_learning_rate"],
         power=plan["decay_power"],
     )
-    k = plan["gradient_accumulation_steps"]
-    return UpdateStepSchedule(schedule, k) if k > 1 else schedule
+    return schedule
 
 
 def make_optimizer(plan, track_trust_ratios=False, mixed_precision="none"):
@@ -244,11 +208,9 @@ def make_optimizer(plan, track_trust_ratios=False, mixed_precision="none"):
     optimizers) and from layer adaptation (LAMB, LARS), as in the LAMB
     recipes (`keras_lamb.recipes.BERT_EXCLUDE`).
     """
-    k = plan["gradient_accumulation_steps"]
     common = dict(
         learning_rate=make_schedule(plan),
         global_clipnorm=plan["clipnorm"] or None,
-        gradient_accumulation_steps=k if k > 1 else None,
     )
     name = plan["optimizer"]
     exclude = recipes.BERT_EXCLUDE
@@ -290,35 +252,6 @@ def make_optimizer(plan, track_trust_ratios=False, mixed_precision="none"):
     return optimizer
 
 
-def clip_after_all_reduce(optimizer):
-    """Makes `global_clipnorm` clip the all-reduced (global) gradient.
-
-    Keras 3 under `tf.distribute` clips each replica's gradient *before* the
-    cross-replica all-reduce (`_backend_apply_gradients` clips, then
-    `_backend_update_step` all-reduces), so with R replicas each of them sees
-    about 1/R of the global gradient and `global_clipnorm=1.0` hardly ever
-    clips: training differs from one device with the same global batch.
-    This moves the clip after the all-reduce, onto the gradient of the global
-    mean loss, as google-research/bert clips. The optimizer (the inner one of
-    a `LossScaleOptimizer`) is changed in place and returned. With one
-    replica Keras's own clipping is already right and nothing is changed.
-    """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    clipnorm = inner.global_clipnorm
-    if not clipnorm:
-        return optimizer
-    inner.global_clipnorm = None  # no per-replica clip
-    all_reduce = inner._all_reduce_sum_gradients
-
-    def all_reduce_then_clip(grads_and_vars):
-        reduced = all_reduce(grads_and_vars)
-        grads, _ = tf.clip_by_global_norm([g for g, _ in reduced], clipnorm)
-        return [(g, v) for g, (_, v) in zip(grads, reduced)]
-
-    inner._all_reduce_sum_gradients = all_reduce_then_clip
-    return optimizer
-
-
 def densify_sparse_gradients(optimizer):
     """Converts `tf.IndexedSlices` gradients to dense before `apply`.
 
@@ -347,17 +280,19 @@ def densify_sparse_gradients(optimizer):
     return optimizer
 
 
-def make_training_optimizer(plan, num_replicas, track_trust_ratios=False,
+def make_training_optimizer(plan, track_trust_ratios=False,
                             mixed_precision="none"):
     """`make_optimizer` ready for `trainer.Trainer`: dense gradients
-    (`densify_sparse_gradients`) and, on several replicas, the global-norm
-    clip after the all-reduce (`clip_after_all_reduce`)."""
-    optimizer = densify_sparse_gradients(
+    (`densify_sparse_gradients`).
+
+    Clipping: keras_lamb's LAMB and LARS clip the all-reduced gradient under
+    every strategy. Keras's AdamW and Adam clip each replica's gradient
+    before the all-reduce, so with several replicas their `--clipnorm`
+    differs from one device's (see the README's "Distributed training").
+    """
+    return densify_sparse_gradients(
         make_optimizer(plan, track_trust_ratios, mixed_precision)
     )
-    if num_replicas > 1:
-        optimizer = clip_after_all_reduce(optimizer)
-    return optimizer
 
 
 # ----------------------------------------------------------------------------
@@ -444,7 +379,7 @@ class BertPretrainingTask(trainer.Task):
 
 def build_train_input(flags_, plan):
     """The training input function (`bert_data.ArrayInput` or
-    `bert_data.RecordInput`) for micro-batches of `plan`."""
+    `bert_data.RecordInput`): batches of one optimizer update each."""
     files = bert_data.expand_patterns(flags_.input_files)
     seq, preds = plan["max_seq_length"], plan["max_predictions_per_seq"]
     metadata = bert_data.read_metadata(files)
@@ -459,7 +394,7 @@ def build_train_input(flags_, plan):
         )
     if flags_.in_memory:
         features = bert_data.load_records(files, seq, preds)
-        return bert_data.ArrayInput(features, plan["micro_batch_size"],
+        return bert_data.ArrayInput(features, plan["global_batch_size"],
                                     training=True, seed=flags_.seed)
     num_examples = flags_.num_train_examples or (
         metadata["num_examples"] if metadata
@@ -467,7 +402,7 @@ def build_train_input(flags_, plan):
         else bert_data.count_records(files)
     )
     return bert_data.RecordInput(
-        files, plan["micro_batch_size"], seq, preds, num_examples,
+        files, plan["global_batch_size"], seq, preds, num_examples,
         seed=flags_.seed, shuffle_buffer=flags_.shuffle_buffer,
     )
 
@@ -539,9 +474,17 @@ def train(flags_, strategy=None, log=print):
     is_chief = distribute.is_chief(strategy)
     log = log if is_chief else (lambda *a, **k: None)
     k = plan["gradient_accumulation_steps"]
+    replicas = strategy.num_replicas_in_sync
+    if plan["global_batch_size"] % (k * replicas):
+        raise ValueError(
+            f"--global_batch_size={plan['global_batch_size']} must be a "
+            f"multiple of --gradient_accumulation_steps={k} x {replicas} "
+            "replica(s): each replica runs k equal micro-batches per update."
+        )
     log(f"Strategy {flags_.strategy}: {strategy.num_replicas_in_sync} "
         f"replica(s); {plan['global_batch_size']} sequences per update = {k} "
-        f"step(s) of {plan['micro_batch_size']}.")
+        f"micro-batch(es) of {plan['micro_batch_size']} "
+        f"({plan['micro_batch_size'] // replicas} per replica).")
     log("Plan: " + ", ".join(f"{n}={v}" for n, v in plan.items()))
     keras.utils.set_random_seed(flags_.seed)
     train_input = build_train_input(flags_, plan)
@@ -556,12 +499,11 @@ def train(flags_, strategy=None, log=print):
     track = flags_.track_trust_ratios and plan["optimizer"] in ("lamb", "lars")
     loop = trainer.Trainer(
         strategy, BertPretrainingTask(model_fn),
-        lambda: make_training_optimizer(
-            plan, strategy.num_replicas_in_sync, track,
-            flags_.mixed_precision),
-        plan["micro_batch_size"], model_dir=flags_.model_dir,
-        steps_per_loop=flags_.steps_per_loop * k,
+        lambda: make_training_optimizer(plan, track, flags_.mixed_precision),
+        plan["global_batch_size"], model_dir=flags_.model_dir,
+        steps_per_loop=flags_.steps_per_loop,
         jit_compile=flags_.jit_compile, log=log,
+        gradient_accumulation_steps=k,
     )
     initialised_from = None
     resuming = flags_.model_dir and tf.train.latest_checkpoint(
@@ -573,16 +515,16 @@ def train(flags_, strategy=None, log=print):
         )
         log(f"Initialised the model from {initialised_from}.")
     outcome = loop.train(
-        train_input, plan["train_steps"] * k, eval_input=eval_input,
-        eval_every_steps=flags_.eval_every_steps * k,
-        checkpoint_every_steps=flags_.save_checkpoints_steps * k,
+        train_input, plan["train_steps"], eval_input=eval_input,
+        eval_every_steps=flags_.eval_every_steps,
+        checkpoint_every_steps=flags_.save_checkpoints_steps,
     )
     results = dict(
         train=outcome["train"],
         eval=outcome["eval"],
-        optimizer_updates=outcome["step"] // k,
-        trainer_steps=outcome["step"],
-        examples_seen=outcome["step"] * plan["micro_batch_size"],
+        optimizer_updates=outcome["step"],
+        micro_batches=outcome["step"] * k,
+        examples_seen=outcome["step"] * plan["global_batch_size"],
         epochs=outcome["step"] / train_input.steps_per_epoch,
         train_examples=train_input.num_examples,
         train_seconds=outcome["train_seconds"],

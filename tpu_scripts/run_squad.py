@@ -176,8 +176,7 @@ def run(flags_, log=print):
     loop = trainer.Trainer(
         strategy, bert_squad.SquadTask(model_fn),
         lambda: bert_pretraining.make_training_optimizer(
-            plan, strategy.num_replicas_in_sync,
-            mixed_precision=flags_.mixed_precision,
+            plan, mixed_precision=flags_.mixed_precision,
         ),
         flags_.global_batch_size, model_dir=flags_.model_dir,
         steps_per_loop=flags_.steps_per_loop,

@@ -266,15 +266,15 @@ def train_once(cfg, data, optimizer, learning_rate, batch_size, log=print):
                 bert_models.build_backbone(config)
             )
         ),
-        lambda: bert_pretraining.make_training_optimizer(plan, 1),
-        micro, steps_per_loop=max(1, cfg.steps_per_loop // k) * k,
-        log=lambda *a, **kw: None,
+        lambda: bert_pretraining.make_training_optimizer(plan),
+        batch_size, steps_per_loop=max(1, cfg.steps_per_loop // k),
+        log=lambda *a, **kw: None, gradient_accumulation_steps=k,
     )
     start = time.time()
     outcome = loop.train(
-        bert_data.ArrayInput(data["train"], micro, training=True,
+        bert_data.ArrayInput(data["train"], batch_size, training=True,
                              seed=cfg.seed),
-        updates * k,
+        updates,
     )
     results = dict(
         optimizer=optimizer, learning_rate=learning_rate,

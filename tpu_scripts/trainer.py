@@ -11,7 +11,14 @@ instead of `fit` for some and a loop for others:
 - per-replica loss scaled by the global batch (`tf.nn.compute_average_loss`),
   so the optimizer's all-reduce *sum* of gradients is the gradient of the
   global mean loss; Keras 3 optimizers all-reduce inside `apply` under
-  `tf.distribute`, so layer-wise trust ratios see global gradients;
+  `tf.distribute`, so layer-wise trust ratios see global gradients, and
+  keras_lamb's LAMB and LARS clip after that all-reduce;
+- gradient accumulation in the step itself (as Model Garden and NVIDIA's
+  BERT scripts do): with `gradient_accumulation_steps=k` a step takes the
+  whole update's batch, each replica runs its share as k micro-batches and
+  sums their gradients locally, and the optimizer applies the sum once, so
+  one all-reduce per update, for any optimizer, and one step is one update
+  (checkpoints, schedules and `--train_steps` count updates);
 - metrics, `tf.train.CheckpointManager` checkpoints (model, optimizer, step)
   with resume at the exact batch, TensorBoard summaries (loss, metrics,
   learning rate, and the keras_lamb per-variable trust-ratio statistics),
@@ -152,18 +159,22 @@ class Trainer:
         task: a `Task`.
         optimizer_fn: zero-argument callable returning the optimizer (called
             inside the scope; may return a `keras.optimizers.LossScaleOptimizer`).
-        global_batch_size: examples per step over all replicas.
+        global_batch_size: examples per step (one optimizer update) over all
+            replicas.
         model_dir: checkpoints and TensorBoard logs (`None`: neither).
         steps_per_loop: steps per compiled inner loop (and per progress line).
         jit_compile: XLA-compile the forward and backward pass of each replica
             (the optimizer update stays outside: it all-reduces).
         max_checkpoints: checkpoints kept.
         log: a `print`-like function for progress lines (chief only).
+        gradient_accumulation_steps: micro-batches per step on each replica
+            (>= 1); the per-replica batch must be a multiple of it. Leave the
+            optimizer's own `gradient_accumulation_steps` unset.
     """
 
     def __init__(self, strategy, task, optimizer_fn, global_batch_size,
                  model_dir=None, steps_per_loop=100, jit_compile=False,
-                 max_checkpoints=3, log=print):
+                 max_checkpoints=3, log=print, gradient_accumulation_steps=1):
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(
                 "The trainer drives tf.distribute and needs Keras's "
@@ -181,6 +192,16 @@ class Trainer:
         self.per_replica_batch_size = distribute.per_replica_batch_size(
             global_batch_size, strategy.num_replicas_in_sync
         )
+        k = gradient_accumulation_steps
+        if not isinstance(k, int) or k < 1 or self.per_replica_batch_size % k:
+            raise ValueError(
+                "gradient_accumulation_steps must be an integer >= 1 that "
+                f"divides the per-replica batch ({global_batch_size} / "
+                f"{strategy.num_replicas_in_sync} replicas = "
+                f"{self.per_replica_batch_size}). Received: "
+                f"gradient_accumulation_steps={k!r}."
+            )
+        self.gradient_accumulation_steps = k
         self.model_dir = model_dir
         self.steps_per_loop = steps_per_loop
         self.jit_compile = jit_compile
@@ -189,6 +210,15 @@ class Trainer:
         with strategy.scope():
             self.model = task.build_model()
             self.optimizer = optimizer_fn()
+            if _inner_optimizer(self.optimizer).gradient_accumulation_steps:
+                raise ValueError(
+                    "The optimizer accumulates gradients itself "
+                    "(`gradient_accumulation_steps="
+                    f"{_inner_optimizer(self.optimizer).gradient_accumulation_steps}`"
+                    "); pass `gradient_accumulation_steps` to the Trainer "
+                    "instead, which accumulates on each replica and "
+                    "all-reduces once per update."
+                )
             # Slots exist before any restore, so nothing is restored lazily.
             self.optimizer.build(self.model.trainable_variables)
             self.train_metrics = {
@@ -235,34 +265,73 @@ class Trainer:
                 model, batch, training=True
             )
             # sum / global batch: the all-reduce sum of the replicas'
-            # gradients is then the gradient of the global mean loss.
+            # gradients (and of the k micro-batches' when accumulating) is
+            # then the gradient of the global mean loss.
             loss = tf.nn.compute_average_loss(
                 per_example_loss, global_batch_size=self.global_batch_size
             )
+            # Per-model terms: once per update, over replicas and micro-batches.
+            k = self.gradient_accumulation_steps
             regularization = self.task.regularization_loss(model)
             if regularization is not None:
-                loss += tf.nn.scale_regularization_loss(regularization)
+                loss += tf.nn.scale_regularization_loss(regularization) / k
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(
                     tf.add_n([tf.cast(x, tf.float32) for x in model.losses])
-                )
+                ) / k
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 loss = optimizer.scale_loss(loss)
         grads = tape.gradient(loss, model.trainable_variables)
         return per_example_loss, outputs, grads
 
     def _train_step(self, batch):
-        per_example_loss, outputs, grads = self._forward_backward(batch)
+        if self.gradient_accumulation_steps == 1:
+            grads = self._forward_backward_and_metrics(batch)
+        else:
+            grads = self._accumulated_gradients(batch)
         if (
             isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
             and self.strategy.num_replicas_in_sync > 1
         ):
             grads = self._poison_if_any_replica_overflowed(grads)
         self.optimizer.apply(grads, self.model.trainable_variables)
+
+    def _forward_backward_and_metrics(self, batch):
+        per_example_loss, outputs, grads = self._forward_backward(batch)
         self.train_metrics["loss"].update_state(
             per_example_loss, sample_weight=self.task.example_weights(batch)
         )
         self.task.update_metrics(self.train_metrics, batch, outputs)
+        return grads
+
+    def _accumulated_gradients(self, batch):
+        """The sum of the gradients of this replica's k micro-batches.
+
+        Each micro-batch loss is divided by the global batch of the whole
+        update, so the sum over micro-batches and replicas is the gradient
+        of the update's mean loss. Sparse gradients are summed densely.
+        """
+        k = self.gradient_accumulation_steps
+        micro_batches = tf.nest.map_structure(
+            lambda t: tf.reshape(t, [k, -1, *t.shape[1:]]), batch
+        )
+
+        def micro_batch(i):
+            return tf.nest.map_structure(lambda t: t[i], micro_batches)
+
+        first = self._forward_backward_and_metrics(micro_batch(0))
+        present = [i for i, g in enumerate(first) if g is not None]
+        total = [tf.convert_to_tensor(first[i]) for i in present]
+        for i in tf.range(1, k):
+            grads = self._forward_backward_and_metrics(micro_batch(i))
+            total = [
+                t + tf.convert_to_tensor(grads[j])
+                for t, j in zip(total, present)
+            ]
+        summed = [None] * len(first)
+        for t, j in zip(total, present):
+            summed[j] = t
+        return summed
 
     def _poison_if_any_replica_overflowed(self, grads):
         # LossScaleOptimizer decides to skip a step from the gradients it is
