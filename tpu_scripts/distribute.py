@@ -107,18 +107,19 @@ def get_strategy(name, tpu="", collective="auto"):
     return tf.distribute.get_strategy()
 
 
-def per_replica_batch_size(global_batch_size, num_replicas):
-    """`global_batch_size // num_replicas`, or `ValueError` if not exact."""
+def per_replica_batch_size(global_batch_size, num_replicas,
+                           flag="global_batch_size"):
+    """`global_batch_size // num_replicas`, or `ValueError` naming `--flag`
+    if it is not positive or not divisible."""
     if global_batch_size <= 0:
         raise ValueError(
-            f"--global_batch_size must be positive. Received: "
-            f"{global_batch_size}."
+            f"--{flag} must be positive. Received: {global_batch_size}."
         )
     if global_batch_size % num_replicas:
         raise ValueError(
-            f"--global_batch_size={global_batch_size} is not divisible by "
-            f"the {num_replicas} replicas of the strategy; use a multiple "
-            f"of {num_replicas}."
+            f"--{flag}={global_batch_size} is not divisible by the "
+            f"{num_replicas} replicas of the strategy; use a multiple of "
+            f"{num_replicas}."
         )
     return global_batch_size // num_replicas
 
