@@ -21,6 +21,8 @@ import tempfile
 
 import tensorflow as tf
 
+from tpu_scripts.run_state import FlagError
+
 STRATEGY_NAMES = (
     "tpu",
     "mirrored",
@@ -34,7 +36,7 @@ MIXED_PRECISION_NAMES = ("none", "bfloat16", "float16")
 def check_choice(flag, value, choices):
     """Raises `ValueError` naming the flag and the choices unless valid."""
     if value not in choices:
-        raise ValueError(
+        raise FlagError(
             f"Unknown --{flag}={value!r}; expected one of: "
             f"{', '.join(choices)}."
         )
@@ -112,11 +114,11 @@ def per_replica_batch_size(global_batch_size, num_replicas,
     """`global_batch_size // num_replicas`, or `ValueError` naming `--flag`
     if it is not positive or not divisible."""
     if global_batch_size <= 0:
-        raise ValueError(
+        raise FlagError(
             f"--{flag} must be positive. Received: {global_batch_size}."
         )
     if global_batch_size % num_replicas:
-        raise ValueError(
+        raise FlagError(
             f"--{flag}={global_batch_size} is not divisible by the "
             f"{num_replicas} replicas of the strategy; use a multiple of "
             f"{num_replicas}."
