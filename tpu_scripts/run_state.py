@@ -99,7 +99,8 @@ def checkpoint_step(model_dir):
     latest = model_dir and tf.train.latest_checkpoint(model_dir)
     if not latest:
         return None
-    reader = tf.train.load_checkpoint(latest)
+    # (tf.train.load_checkpoint takes a prefix on ram:// for a directory.)
+    reader = tf.compat.v1.train.NewCheckpointReader(latest)
     return int(reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE"))
 
 

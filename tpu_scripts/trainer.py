@@ -312,6 +312,7 @@ class Trainer:
         latest = tf.train.latest_checkpoint(self.model_dir)
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self._saved_step = int(self.global_step.numpy())
             self._log(
                 f"Restored {latest} at step {int(self.global_step.numpy())}."
             )
@@ -438,7 +439,8 @@ class Trainer:
                     if step < train_steps:
                         watcher.stop_if_preempted(step)
         train_seconds = time.time() - start_time
-        self.save()
+        if self._saved_step != step:  # (rewriting a checkpoint can tear it)
+            self.save()
         if eval_input is not None:
             eval_results = self._evaluate_and_log(eval_input, step)
         self._train_writer.flush()
