@@ -491,7 +491,7 @@ class Trainer:
             return flag
         if self._any_worker is None:
             self._any_worker = tf.function(lambda x: self.strategy.reduce(
-                tf.distribute.ReduceOp.MAX,
+                tf.distribute.ReduceOp.SUM,
                 self.strategy.run(lambda: tf.identity(x)), axis=None,
             ))
         return bool(self._any_worker(tf.constant(float(flag))) > 0)
