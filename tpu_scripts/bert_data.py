@@ -399,13 +399,14 @@ class AtomicFiles:
     """Writes files under temporary names and renames them all at the end.
 
     Use as a context manager: `path = files.temp(final)` gives the name to
-    write to; on a clean exit every temporary file is renamed to its final
-    name, on an exception (Ctrl-C included) every one is deleted, so a failed
+    write to; on a clean exit the files `remove_on_success` are deleted and
+    every temporary file is renamed to its final name, on an exception (Ctrl-C included) every one is deleted, so a failed
     run leaves nothing half-written behind.
     """
 
-    def __init__(self):
+    def __init__(self, remove_on_success=()):
         self._pending = []
+        self._remove = list(remove_on_success)
 
     def temp(self, final_path):
         temp_path = f"{final_path}.tmp-{os.getpid()}"
@@ -417,6 +418,9 @@ class AtomicFiles:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            for path in self._remove:  # old outputs the new ones replace
+                if tf.io.gfile.exists(path):
+                    tf.io.gfile.remove(path)
             for temp_path, final_path in self._pending:
                 tf.io.gfile.rename(temp_path, final_path, overwrite=True)
         else:
@@ -446,23 +450,51 @@ def write_instances(instances, paths, max_seq_length, max_predictions_per_seq,
             writer.close()
 
 
+def old_outputs(output_dir, overwrite):
+    """The data files already in `output_dir`, which `overwrite` allows to
+    replace; raises `run_state.FlagError` for a non-empty directory
+    without `overwrite`."""
+    from tpu_scripts.run_state import FlagError
+
+    if not tf.io.gfile.isdir(output_dir):
+        if tf.io.gfile.exists(output_dir):
+            raise FlagError(f"--output_dir={output_dir} is a file.")
+        return []
+    names = sorted(tf.io.gfile.listdir(output_dir))
+    if names and not overwrite:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise FlagError(
+            f"--output_dir={output_dir} is not empty ({len(names)} entries: "
+            f"{shown}). New shards next to old ones would be read together "
+            "by a glob; use an empty directory or pass --overwrite to "
+            "replace the old shards, vocab.txt and metadata.json."
+        )
+    return [os.path.join(output_dir, n) for n in names
+            if n.endswith(".tfrecord")
+            or n in (VOCAB_FILENAME, METADATA_FILENAME)]
+
+
 def create_pretraining_data(input_patterns, output_dir, vocab_file=None,
                             vocabulary_size=8192, lowercase=True,
                             max_seq_length=128, max_predictions_per_seq=20,
                             masked_lm_prob=0.15, short_seq_prob=0.1,
                             dupe_factor=10, whole_word_mask=False,
                             num_shards=1, output_prefix="pretrain",
-                            random_seed=12345, log=print):
+                            random_seed=12345, overwrite=False, log=print):
     """Text files -> (vocabulary) -> sharded TFRecords; see the module doc.
 
     Writes into `output_dir`: `{output_prefix}-0000i-of-0000n.tfrecord`,
     `vocab.txt` (the vocabulary used, learnt unless `vocab_file` is given)
     and `metadata.json` (counts and settings; `bert_pretrain.py` reads the
     example count from it). All files appear together at the end or not at
-    all.
+    all. A non-empty `output_dir` is refused unless `overwrite`; then its
+    old shards (`*.tfrecord`), `vocab.txt` and `metadata.json` are removed
+    when the new files are complete (a glob over the directory never mixes
+    two datasets; a failed run leaves the old one whole).
 
     Returns the metadata dict.
     """
+    stale = old_outputs(output_dir, overwrite)
     if not 0 < masked_lm_prob < 1:
         raise ValueError(
             f"masked_lm_prob must be in (0, 1). Received: {masked_lm_prob}."
@@ -512,7 +544,8 @@ def create_pretraining_data(input_patterns, output_dir, vocab_file=None,
                shard_paths(output_dir, output_prefix, num_shards)],
     )
     tf.io.gfile.makedirs(output_dir)
-    with AtomicFiles() as files:
+    new_paths = set(shard_paths(output_dir, output_prefix, num_shards))
+    with AtomicFiles([p for p in stale if p not in new_paths]) as files:
         write_instances(
             instances, shard_paths(output_dir, output_prefix, num_shards),
             max_seq_length, max_predictions_per_seq, files,
@@ -552,6 +585,50 @@ def read_metadata(files):
         return None
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
+
+
+def record_lengths(path):
+    """`{feature: length}` of the first record of TFRecord file `path`."""
+    for serialized in tf.data.TFRecordDataset([path]).take(1):
+        example = tf.train.Example.FromString(serialized.numpy())
+        return {
+            name: len(getattr(feature, feature.WhichOneof("kind")).value)
+            for name, feature in example.features.feature.items()
+        }
+    raise ValueError(f"No records in {path!r}.")
+
+
+def check_record_lengths(files, max_seq_length, max_predictions_per_seq):
+    """Raises `run_state.FlagError` naming the flags if the first record of
+    `files[0]` does not have `max_seq_length` tokens and
+    `max_predictions_per_seq` masked positions."""
+    from tpu_scripts.run_state import FlagError
+
+    lengths = record_lengths(files[0])
+    missing = [n for n in GOOGLE_FEATURE_NAMES if n not in lengths]
+    if missing:
+        raise FlagError(
+            f"{files[0]} is not a BERT pre-training record file: its records "
+            f"lack {missing}."
+        )
+    found = (lengths["input_ids"], lengths["masked_lm_positions"])
+    if found != (max_seq_length, max_predictions_per_seq):
+        raise FlagError(
+            f"The records in {files[0]} have {found[0]} tokens and "
+            f"{found[1]} masked positions; the run expects "
+            f"--max_seq_length={max_seq_length} and "
+            f"--max_predictions_per_seq={max_predictions_per_seq}. Pass "
+            f"--max_seq_length={found[0]} "
+            f"--max_predictions_per_seq={found[1]} to match the data."
+        )
+
+
+def first_records(files, count, max_seq_length, max_predictions_per_seq):
+    """The first `count` records of `files` as a dict of numpy arrays."""
+    ds = tf.data.TFRecordDataset(files).take(count).batch(count).map(
+        lambda s: parse_examples(s, max_seq_length, max_predictions_per_seq)
+    )
+    return next(ds.as_numpy_iterator())
 
 
 def count_records(files):

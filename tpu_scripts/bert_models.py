@@ -14,7 +14,6 @@ Turc et al.'s "Well-Read Students" miniatures (tiny, mini, small, medium);
 
 import dataclasses
 import json
-import os
 
 import keras
 import keras_hub
@@ -86,7 +85,7 @@ def load_bert_config(name_or_path, **overrides):
     """
     if name_or_path in BERT_CONFIGS:
         config = BERT_CONFIGS[name_or_path]
-    elif name_or_path.endswith(".json") or os.path.exists(name_or_path):
+    elif name_or_path.endswith(".json") or tf.io.gfile.exists(name_or_path):
         with tf.io.gfile.GFile(name_or_path) as f:
             raw = json.load(f)
         fields = {f.name for f in dataclasses.fields(BertConfig)}

@@ -48,9 +48,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    if not flags.FLAGS.input_files:
-        raise app.UsageError("--input_files is required.")
-    bert_pretraining.run(flags.FLAGS)
+    from tpu_scripts import run_state
+
+    run_state.exit_on_flag_error(bert_pretraining.run, flags.FLAGS)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ predictions per full-length sequence the two agree, and the per-example form
 does not depend on the replica count or on gradient accumulation.
 """
 
-import json
 import math
 import os
 import time
@@ -46,7 +45,8 @@ import tensorflow as tf
 import keras_lamb
 from keras_lamb import recipes
 from keras_lamb.schedules import warmup_polynomial_decay
-from tpu_scripts import bert_data, bert_models, distribute, trainer
+from tpu_scripts import (bert_data, bert_models, distribute,
+                         run_state, trainer)
 
 OPTIMIZER_NAMES = ("lamb", "adamw", "adam", "lars")
 RECIPE_NAMES = ("lamb_paper", "lamb_64k_32k", "nvidia", "none")
@@ -452,6 +452,93 @@ def weight_norm(model):
     )))
 
 
+# Flags that do not change what the run computes: everything else is the
+# run's identity (`run_state.RunRecord`).
+NOT_IDENTITY_FLAGS = (
+    "strategy", "tpu", "num_cpu_devices", "collective", "jit_compile",
+    "eval_files", "model_dir", "steps_per_loop", "save_checkpoints_steps",
+    "eval_every_steps", "checkpoint_every_minutes", "results_json",
+    "track_trust_ratios", "allow_changed_flags",
+)
+
+
+def validate_flags(flags_):
+    """Raises `run_state.FlagError` naming the flag for a value out of range
+    (before any data or model is built)."""
+    def check(name, ok, requirement):
+        if not ok:
+            raise run_state.FlagError(
+                f"--{name} must be {requirement}. Received: "
+                f"{getattr(flags_, name)!r}."
+            )
+
+    def optional(name, low, requirement):
+        value = getattr(flags_, name)
+        check(name, value is None or value >= low, requirement)
+
+    if not flags_.input_files:
+        raise run_state.FlagError("--input_files is required.")
+    for name in ("global_batch_size", "gradient_accumulation_steps",
+                 "train_steps", "warmup_steps", "max_predictions_per_seq"):
+        optional(name, 1, ">= 1")
+    optional("max_seq_length", 5, ">= 5")
+    for name in ("learning_rate", "decay_power", "end_learning_rate",
+                 "weight_decay", "epsilon", "clipnorm", "momentum",
+                 "trust_coefficient"):
+        optional(name, 0, ">= 0")
+    for name in ("beta_1", "beta_2"):
+        value = getattr(flags_, name)
+        check(name, value is None or 0 <= value < 1, "in [0, 1)")
+    check("dropout", flags_.dropout is None or 0 <= flags_.dropout < 1,
+          "in [0, 1)")
+    for name in ("steps_per_loop", "shuffle_buffer"):
+        check(name, getattr(flags_, name) >= 1, ">= 1")
+    for name in ("save_checkpoints_steps", "eval_every_steps",
+                 "checkpoint_every_minutes", "num_train_examples",
+                 "vocab_size", "num_cpu_devices"):
+        check(name, getattr(flags_, name) >= 0, ">= 0")
+    check("phase", flags_.phase in (1, 2), "1 or 2")
+    run_state.check_init_checkpoint(flags_.init_checkpoint, flags_.model_dir)
+
+
+def run_identity(flags_):
+    """The flags that shape the run."""
+    return {name: value for name, value in flag_values_dict(flags_).items()
+            if name not in NOT_IDENTITY_FLAGS}
+
+
+def results_path(flags_):
+    if flags_.results_json:
+        return flags_.results_json
+    return (os.path.join(flags_.model_dir, "results.json")
+            if flags_.model_dir else None)
+
+
+def check_token_ids(flags_, train_input, vocabulary_size):
+    """Raises `run_state.FlagError` if the first batch holds a token id the
+    model's embedding does not have (on a GPU or TPU an out-of-range lookup
+    returns zeros instead of failing)."""
+    if isinstance(train_input, bert_data.ArrayInput):
+        features = train_input.features
+        source = "the training records"
+    else:
+        features = bert_data.first_records(
+            train_input.files[:1], train_input.global_batch_size,
+            train_input.max_seq_length, train_input.max_predictions_per_seq,
+        )
+        source = train_input.files[0]
+    largest = max(int(np.max(features["input_ids"])),
+                  int(np.max(features["masked_lm_ids"])))
+    if largest >= vocabulary_size:
+        given = ("--vocab_file" if flags_.vocab_file else "--vocab_size"
+                 if flags_.vocab_size else "--bert_config")
+        raise run_state.FlagError(
+            f"{source} hold token id {largest}, out of range for the "
+            f"model's vocabulary of {vocabulary_size} (from {given}). Pass "
+            "the --vocab_file the records were made with."
+        )
+
+
 def run(flags_, strategy=None, log=print):
     """Pre-trains as `flags_` (the `bert_pretrain.py` flags) say.
 
@@ -463,8 +550,10 @@ def run(flags_, strategy=None, log=print):
 
 def train(flags_, strategy=None, log=print):
     """`run`, returning `(trainer, results)` (the trained model is
-    `trainer.model`)."""
+    `trainer.model`; `trainer` is `None` when `--model_dir` holds a finished
+    run, whose saved results are returned untouched)."""
     start = time.time()
+    validate_flags(flags_)
     plan = plan_hyperparameters(flags_)
     if strategy is None:
         distribute.configure_cpu_devices(flags_.num_cpu_devices)
@@ -486,7 +575,19 @@ def train(flags_, strategy=None, log=print):
         f"micro-batch(es) of {plan['micro_batch_size']} "
         f"({plan['micro_batch_size'] // replicas} per replica).")
     log("Plan: " + ", ".join(f"{n}={v}" for n, v in plan.items()))
+    record = run_state.RunRecord(
+        flags_.model_dir, run_identity(flags_), results_path(flags_),
+        flags_.allow_changed_flags, is_chief, log,
+    )
+    finished = record.start()
+    if finished is not None:
+        return None, finished
     keras.utils.set_random_seed(flags_.seed)
+    for patterns in filter(None, (flags_.input_files, flags_.eval_files)):
+        bert_data.check_record_lengths(
+            bert_data.expand_patterns(patterns), plan["max_seq_length"],
+            plan["max_predictions_per_seq"],
+        )
     train_input = build_train_input(flags_, plan)
     eval_input = None
     if flags_.eval_files:
@@ -496,6 +597,7 @@ def train(flags_, strategy=None, log=print):
             plan["micro_batch_size"], training=False,
         )
     model_fn, config = build_model_fn(flags_, plan)
+    check_token_ids(flags_, train_input, config.vocabulary_size)
     track = flags_.track_trust_ratios and plan["optimizer"] in ("lamb", "lars")
     loop = trainer.Trainer(
         strategy, BertPretrainingTask(model_fn),
@@ -518,7 +620,10 @@ def train(flags_, strategy=None, log=print):
         train_input, plan["train_steps"], eval_input=eval_input,
         eval_every_steps=flags_.eval_every_steps,
         checkpoint_every_steps=flags_.save_checkpoints_steps,
+        checkpoint_every_seconds=60 * flags_.checkpoint_every_minutes,
+        on_checkpoint=record.checkpointed,
     )
+    totals = record.totals(plan["global_batch_size"])
     results = dict(
         train=outcome["train"],
         eval=outcome["eval"],
@@ -527,9 +632,13 @@ def train(flags_, strategy=None, log=print):
         examples_seen=outcome["step"] * plan["global_batch_size"],
         epochs=outcome["step"] / train_input.steps_per_epoch,
         train_examples=train_input.num_examples,
-        train_seconds=outcome["train_seconds"],
+        # Over every segment of the run (restarts, preemptions).
+        train_seconds=(totals["train_seconds"] if flags_.model_dir
+                       else outcome["train_seconds"]),
         wall_seconds=time.time() - start,
-        examples_per_second=outcome["images_per_second"],
+        examples_per_second=(totals["examples_per_second"]
+                             if flags_.model_dir
+                             else outcome["images_per_second"]),
         final_learning_rate=loop.learning_rate(),
         trust_ratios=trust_ratio_summary(loop.optimizer),
         weight_norm=weight_norm(loop.model),
@@ -540,17 +649,7 @@ def train(flags_, strategy=None, log=print):
         plan=plan,
         flags=flag_values_dict(flags_),
     )
-    if is_chief:
-        path = flags_.results_json or (
-            os.path.join(flags_.model_dir, "results.json")
-            if flags_.model_dir else None
-        )
-        if path:
-            if os.path.dirname(path):  # gs:// paths included
-                tf.io.gfile.makedirs(os.path.dirname(path))
-            with tf.io.gfile.GFile(path, "w") as f:
-                json.dump(results, f, indent=2, default=str)
-            log(f"Wrote {path}.")
+    results = record.finish(results, outcome["step"])
     return loop, results
 
 
@@ -667,7 +766,7 @@ def _define_flags(flags, f):
     flags.DEFINE_float("learning_rate", None, "Peak learning rate.", **f)
     flags.DEFINE_integer(
         "warmup_steps", None, "Linear warmup, in updates (default: the "
-        "recipe's, else 1 %% of --train_steps).", **f)
+        "recipe's, else 1 percent of --train_steps).", **f)
     flags.DEFINE_float(
         "decay_power", None, "Power of the polynomial decay to "
         "--end_learning_rate (1: linear, BERT; 0.5: NVIDIA).", **f)
@@ -694,7 +793,16 @@ def _define_flags(flags, f):
         "line and TensorBoard point).", **f)
     flags.DEFINE_integer(
         "save_checkpoints_steps", 1000, "Checkpoint every this many "
-        "updates (and at the end).", **f)
+        "updates (0: only by time), and at the end.", **f)
+    flags.DEFINE_float(
+        "checkpoint_every_minutes", 30.0, "Also checkpoint at the first "
+        "loop boundary this many minutes after the last checkpoint (0: not "
+        "by time). On SIGTERM the run saves a checkpoint and exits with "
+        "code 143.", **f)
+    flags.DEFINE_boolean(
+        "allow_changed_flags", False, "Resume a run in --model_dir even if "
+        "flags that shape it (batch, accumulation, recipe, schedule, "
+        "model, data) differ from those of its first start.", **f)
     flags.DEFINE_integer(
         "eval_every_steps", 0, "Evaluate --eval_files every this many "
         "updates (0: at the end only).", **f)

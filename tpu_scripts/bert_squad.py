@@ -258,18 +258,19 @@ def predict_logits(strategy, model, arrays, global_batch_size):
             return (b["feature_index"], b["example_weight"],
                     out["start_logits"], out["end_logits"])
 
-        return strategy.run(replica_fn, args=(batch,))
+        # Every replica of every worker: under MultiWorkerMirroredStrategy
+        # the local results hold only this worker's features.
+        return [strategy.gather(x, axis=0)
+                for x in strategy.run(replica_fn, args=(batch,))]
 
     n, seq = arrays["input_ids"].shape
     start_logits = np.zeros((n, seq), np.float32)
     end_logits = np.zeros((n, seq), np.float32)
     for batch in dataset:
-        parts = [strategy.experimental_local_results(x) for x in step(batch)]
-        for index, weight, start, end in zip(*parts):
-            keep = np.asarray(weight) > 0
-            index = np.asarray(index)[keep]
-            start_logits[index] = np.asarray(start)[keep]
-            end_logits[index] = np.asarray(end)[keep]
+        index, weight, start, end = (np.asarray(x) for x in step(batch))
+        keep = weight > 0
+        start_logits[index[keep]] = start[keep]
+        end_logits[index[keep]] = end[keep]
     return start_logits, end_logits
 
 
@@ -337,11 +338,16 @@ def exact_match_score(prediction, ground_truth):
 
 
 def squad_v1_metrics(predictions, examples):
-    """`{"exact_match", "f1", "count", "missing"}` in percent, as the v1.1
-    evaluation script computes them (a missing prediction scores 0)."""
+    """`{"exact_match", "f1", "count", "missing", "unanswered"}`, EM and F1
+    in percent, as the v1.1 evaluation script computes them (a missing
+    prediction scores 0). Questions without a ground-truth answer (SQuAD
+    v2's unanswerable ones) cannot be scored by the v1.1 metric: they are
+    left out of `count` and counted in `unanswered`."""
     exact_match = f1 = 0.0
     missing = 0
-    for example in examples:
+    scored = [e for e in examples if e.answers]
+    unanswered = len(examples) - len(scored)
+    for example in scored:
         if example.qas_id not in predictions:
             missing += 1
             continue
@@ -349,6 +355,9 @@ def squad_v1_metrics(predictions, examples):
         exact_match += max(exact_match_score(prediction, truth)
                            for truth in example.answers)
         f1 += max(f1_score(prediction, truth) for truth in example.answers)
-    count = len(examples)
+    count = len(scored)
+    if not count:
+        raise ValueError("No question with a ground-truth answer to score.")
     return dict(exact_match=100.0 * exact_match / count,
-                f1=100.0 * f1 / count, count=count, missing=missing)
+                f1=100.0 * f1 / count, count=count, missing=missing,
+                unanswered=unanswered)

@@ -20,8 +20,10 @@ Phase-2 data (sequence 512) with the same vocabulary:
       --vocab_file=/tmp/bert/seq128/vocab.txt --max_seq_length=512 \
       --max_predictions_per_seq=80 --dupe_factor=5 --num_shards=64
 
-`--output_dir` receives the shards, `vocab.txt` and `metadata.json`; they
-appear together when the run succeeds (temporary files are renamed at the
+`--output_dir` receives the shards, `vocab.txt` and `metadata.json`; it must
+be empty unless `--overwrite` (then the old shards are removed as the new
+ones appear, so a glob never mixes two datasets). The files appear together
+when the run succeeds (temporary files are renamed at the
 end) and not at all when it fails. The same inputs and `--random_seed` give
 byte-identical files. The logic lives in `tpu_scripts.bert_data`.
 """
@@ -72,6 +74,10 @@ def define_flags(flag_values=None):
                          "of a word together.", **f)
     flags.DEFINE_integer("random_seed", 12345, "Seed: the same seed and "
                          "inputs give the same bytes.", **f)
+    flags.DEFINE_boolean(
+        "overwrite", False, "Replace the shards, vocab.txt and metadata.json "
+        "of a non-empty --output_dir (without it such a directory is "
+        "refused).", **f)
 
 
 def main(argv):
@@ -81,9 +87,10 @@ def main(argv):
     f = flags.FLAGS
     if not f.input_files or not f.output_dir:
         raise app.UsageError("--input_files and --output_dir are required.")
-    from tpu_scripts import bert_data
+    from tpu_scripts import bert_data, run_state
 
-    bert_data.create_pretraining_data(
+    run_state.exit_on_flag_error(
+        bert_data.create_pretraining_data,
         f.input_files, f.output_dir, vocab_file=f.vocab_file,
         vocabulary_size=f.vocab_size, lowercase=f.do_lower_case,
         max_seq_length=f.max_seq_length,
@@ -91,7 +98,7 @@ def main(argv):
         masked_lm_prob=f.masked_lm_prob, short_seq_prob=f.short_seq_prob,
         dupe_factor=f.dupe_factor, whole_word_mask=f.do_whole_word_mask,
         num_shards=f.num_shards, output_prefix=f.output_prefix,
-        random_seed=f.random_seed,
+        random_seed=f.random_seed, overwrite=f.overwrite,
     )
 
 

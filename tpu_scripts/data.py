@@ -46,15 +46,17 @@ _IDX_DTYPES = {
 
 
 def read_idx(path):
-    """Reads an IDX file (optionally gzip-compressed) into a numpy array.
+    """Reads an IDX file (optionally gzip-compressed; any path
+    `tf.io.gfile` reads, `gs://` included) into a numpy array.
 
     The format: two zero bytes, a type byte, a byte with the number of
     dimensions `n`, then `n` big-endian uint32 sizes (so 16 header bytes for
     images, 8 for labels), then the data, big-endian.
     """
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with tf.io.gfile.GFile(path, "rb") as f:  # local, gs://, ...
         data = f.read()
+    if path.endswith(".gz"):
+        data = gzip.decompress(data)
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number).")
     dtype, ndim = data[2], data[3]
@@ -78,15 +80,17 @@ def write_idx(path, array):
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(
         f">{array.ndim}I", *array.shape
     )
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(header + array.tobytes())
+    data = header + array.tobytes()
+    if path.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(data)
 
 
 def write_fashion_mnist(data_dir, train, test):
     """Writes `(images [N, H, W], labels [N])` pairs as the four
     Fashion-MNIST IDX files (`*.gz`) in `data_dir`."""
-    os.makedirs(data_dir, exist_ok=True)
+    tf.io.gfile.makedirs(data_dir)
     for split, (images, labels) in (("train", train), ("test", test)):
         image_stem, label_stem = FASHION_MNIST_FILES[split]
         write_idx(os.path.join(data_dir, image_stem + ".gz"), images)
@@ -96,7 +100,7 @@ def write_fashion_mnist(data_dir, train, test):
 def _idx_path(data_dir, stem):
     for name in (stem + ".gz", stem):
         path = os.path.join(data_dir, name)
-        if os.path.exists(path):
+        if tf.io.gfile.exists(path):
             return path
     return None
 

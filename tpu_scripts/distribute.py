@@ -21,6 +21,8 @@ import tempfile
 
 import tensorflow as tf
 
+from tpu_scripts.run_state import FlagError
+
 STRATEGY_NAMES = (
     "tpu",
     "mirrored",
@@ -34,7 +36,7 @@ MIXED_PRECISION_NAMES = ("none", "bfloat16", "float16")
 def check_choice(flag, value, choices):
     """Raises `ValueError` naming the flag and the choices unless valid."""
     if value not in choices:
-        raise ValueError(
+        raise FlagError(
             f"Unknown --{flag}={value!r}; expected one of: "
             f"{', '.join(choices)}."
         )
@@ -107,18 +109,19 @@ def get_strategy(name, tpu="", collective="auto"):
     return tf.distribute.get_strategy()
 
 
-def per_replica_batch_size(global_batch_size, num_replicas):
-    """`global_batch_size // num_replicas`, or `ValueError` if not exact."""
+def per_replica_batch_size(global_batch_size, num_replicas,
+                           flag="global_batch_size"):
+    """`global_batch_size // num_replicas`, or `ValueError` naming `--flag`
+    if it is not positive or not divisible."""
     if global_batch_size <= 0:
-        raise ValueError(
-            f"--global_batch_size must be positive. Received: "
-            f"{global_batch_size}."
+        raise FlagError(
+            f"--{flag} must be positive. Received: {global_batch_size}."
         )
     if global_batch_size % num_replicas:
-        raise ValueError(
-            f"--global_batch_size={global_batch_size} is not divisible by "
-            f"the {num_replicas} replicas of the strategy; use a multiple "
-            f"of {num_replicas}."
+        raise FlagError(
+            f"--{flag}={global_batch_size} is not divisible by the "
+            f"{num_replicas} replicas of the strategy; use a multiple of "
+            f"{num_replicas}."
         )
     return global_batch_size // num_replicas
 

@@ -19,7 +19,6 @@ strategy; `results.json` in `--model_dir` records the final top-1, the steps,
 the wall time, images/s and every flag.
 """
 
-import json
 import os
 import sys
 import time
@@ -161,8 +160,17 @@ def _define_flags(f):
         "eval_every", 0.0, "Evaluate (and checkpoint) every this many "
         "epochs; 0: only at the end.", **f)
     flags.DEFINE_integer(
-        "checkpoint_every", 0, "Checkpoint every this many steps (0: at "
-        "each evaluation and at the end).", **f)
+        "checkpoint_every", 0, "Checkpoint every this many steps (0: every "
+        "epoch), and at the end.", **f)
+    flags.DEFINE_float(
+        "checkpoint_every_minutes", 30.0, "Also checkpoint at the first "
+        "loop boundary this many minutes after the last checkpoint (0: not "
+        "by time). On SIGTERM the run saves a checkpoint and exits with "
+        "code 143.", **f)
+    flags.DEFINE_boolean(
+        "allow_changed_flags", False, "Resume a run in --model_dir even if "
+        "flags that shape it (batch sizes, schedule, model, data, ...) "
+        "differ from those of its first start.", **f)
     flags.DEFINE_string(
         "model_dir", None, "Checkpoints, TensorBoard logs and results.json. "
         "A run restarted with the same --model_dir resumes from the latest "
@@ -220,7 +228,7 @@ def _define_flags(f):
     flags.DEFINE_float("trust_coefficient", 1e-3, "LARS trust coefficient "
                        "(eta).", **f)
     flags.DEFINE_boolean("clip_trust_ratio", False, "LARS: LARC clipping "
-                         "of the trust ratio.", **f)
+                         "of the trust ratio (--optimizer=lars only).", **f)
     flags.DEFINE_string(
         "exclude_from_weight_decay", RESNET_EXCLUDE, "Regular "
         "expression of variable paths without weight decay.", **f)
@@ -546,11 +554,74 @@ def flag_values_dict(flags_):
     return dict(vars(flags_))
 
 
+# Flags that do not change what the run computes (where and how fast it
+# runs, what it logs): everything else is the run's identity.
+NOT_IDENTITY_FLAGS = (
+    "strategy", "tpu", "num_cpu_devices", "collective", "jit_compile",
+    "eval_split", "eval_batch_size", "eval_examples", "steps_per_loop",
+    "eval_every", "checkpoint_every", "checkpoint_every_minutes",
+    "model_dir", "results_json", "deterministic", "track_trust_ratios",
+    "allow_changed_flags",
+)
+
+
+def validate_flags(flags_):
+    """Raises `run_state.FlagError` (a `ValueError`) naming the flag for any value out of range (before
+    any data or model is built)."""
+    from tpu_scripts import run_state
+
+    def check(name, ok, requirement):
+        if not ok:
+            raise run_state.FlagError(f"--{name} must be {requirement}. Received: "
+                             f"{getattr(flags_, name)!r}.")
+
+    check("global_batch_size", flags_.global_batch_size > 0, "positive")
+    for name in ("eval_batch_size", "train_steps", "eval_every",
+                 "checkpoint_every", "checkpoint_every_minutes",
+                 "train_examples", "eval_examples", "image_size",
+                 "num_cpu_devices", "warmup_epochs", "decay_power",
+                 "end_learning_rate"):
+        check(name, getattr(flags_, name) >= 0, ">= 0")
+    check("epochs", flags_.epochs > 0 or flags_.train_steps > 0,
+          "positive (or set --train_steps)")
+    for name in ("steps_per_loop", "shuffle_buffer", "base_batch_size",
+                 "small_resnet_blocks", "stem_stride"):
+        check(name, getattr(flags_, name) >= 1, ">= 1")
+    check("small_resnet_widths", all(
+        str(w).isdigit() and int(w) > 0 for w in flags_.small_resnet_widths),
+        "a list of positive integers")
+    for name in ("learning_rate", "base_learning_rate", "weight_decay",
+                 "epsilon"):
+        value = getattr(flags_, name)
+        check(name, value is None or value >= 0, ">= 0")
+    check("label_smoothing", flags_.label_smoothing is None
+          or 0 <= flags_.label_smoothing < 1, "in [0, 1)")
+    check("clip_trust_ratio", not flags_.clip_trust_ratio
+          or flags_.optimizer == "lars", "false unless --optimizer=lars "
+          f"(LARC clipping; --optimizer={flags_.optimizer} has no such "
+          "option)")
+
+
+def run_identity(flags_):
+    """The flags that shape the run (`run_state.RunRecord`)."""
+    return {name: value for name, value in flag_values_dict(flags_).items()
+            if name not in NOT_IDENTITY_FLAGS}
+
+
+def results_path(flags_):
+    return flags_.results_json or os.path.join(
+        flags_.model_dir or ".", "results.json"
+    )
+
+
 def run(flags_, log=print):
     """Trains and evaluates as the flags say; returns the results dict."""
     import tensorflow as tf
 
+    from tpu_scripts import run_state
+
     start = time.time()
+    validate_flags(flags_)
     distribute.configure_cpu_devices(flags_.num_cpu_devices)  # before all
     if flags_.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -568,8 +639,15 @@ def run(flags_, log=print):
     distribute.per_replica_batch_size(global_batch_size,
                                       strategy.num_replicas_in_sync)
     eval_batch_size = flags_.eval_batch_size or global_batch_size
-    distribute.per_replica_batch_size(eval_batch_size,
-                                      strategy.num_replicas_in_sync)
+    distribute.per_replica_batch_size(  # == the global batch if unset
+        eval_batch_size, strategy.num_replicas_in_sync, "eval_batch_size")
+    record = run_state.RunRecord(
+        flags_.model_dir, run_identity(flags_), results_path(flags_),
+        flags_.allow_changed_flags, is_chief, log,
+    )
+    finished = record.start()
+    if finished is not None:
+        return finished
     log(f"Strategy: {flags_.strategy} ({type(strategy).__name__}), "
         f"{strategy.num_replicas_in_sync} replicas; global batch "
         f"{global_batch_size}, "
@@ -600,8 +678,11 @@ def run(flags_, log=print):
     outcome = trainer.train(
         train_input, train_steps, eval_input=eval_input,
         eval_every_steps=eval_every_steps,
-        checkpoint_every_steps=flags_.checkpoint_every,
+        checkpoint_every_steps=flags_.checkpoint_every or steps_per_epoch,
+        checkpoint_every_seconds=60 * flags_.checkpoint_every_minutes,
+        on_checkpoint=record.checkpointed,
     )
+    totals = record.totals(global_batch_size)
     results = {
         "top1": outcome["eval"].get("accuracy"),
         "eval_loss": outcome["eval"].get("loss"),
@@ -609,23 +690,21 @@ def run(flags_, log=print):
         "steps": outcome["step"],
         "epochs": outcome["step"] / steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
+        "examples_seen": outcome["step"] * global_batch_size,
         "wall_seconds": time.time() - start,
-        "train_seconds": outcome["train_seconds"],
-        "images_per_second": outcome["images_per_second"],
+        # Over every segment of the run (restarts, preemptions).
+        "train_seconds": totals["train_seconds"] if flags_.model_dir
+        else outcome["train_seconds"],
+        "images_per_second": totals["examples_per_second"]
+        if flags_.model_dir else outcome["images_per_second"],
         "num_replicas": strategy.num_replicas_in_sync,
         "optimizer_settings": settings,
         "flags": flag_values_dict(flags_),
     }
-    if is_chief:
-        path = flags_.results_json or os.path.join(
-            flags_.model_dir or ".", "results.json"
-        )
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        log(f"top-1 {results['top1']:.4f} after {results['steps']} steps "
-            f"({results['epochs']:.2f} epochs), "
-            f"{results['images_per_second']:.0f} images/s; wrote {path}.")
+    results = record.finish(results, outcome["step"])
+    log(f"top-1 {results['top1']:.4f} after {results['steps']} steps "
+        f"({results['epochs']:.2f} epochs), "
+        f"{results['images_per_second']:.0f} images/s.")
     return results
 
 
@@ -633,7 +712,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    run(flags.FLAGS)
+    from tpu_scripts import run_state
+
+    run_state.exit_on_flag_error(run, flags.FLAGS)
 
 
 if __name__ == "__main__":

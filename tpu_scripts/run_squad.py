@@ -23,7 +23,6 @@ Writes `predictions.json` ({question id: answer}) and `results.json`
 the logic lives in `tpu_scripts.bert_squad`.
 """
 
-import json
 import os
 import sys
 import time
@@ -92,7 +91,57 @@ def define_flags(flag_values=None):
     flags.DEFINE_integer("steps_per_loop", 100, "Steps per compiled loop.",
                          **f)
     flags.DEFINE_integer("seed", 0, "Seed of the head and the order.", **f)
+    flags.DEFINE_float(
+        "checkpoint_every_minutes", 30.0, "Checkpoint every epoch and at "
+        "the first loop boundary this many minutes after the last "
+        "checkpoint (0: not by time). On SIGTERM the run saves a checkpoint "
+        "and exits with code 143.", **f)
+    flags.DEFINE_boolean(
+        "allow_changed_flags", False, "Resume a run in --model_dir even if "
+        "flags that shape its training differ from its first start.", **f)
     FLAG_NAMES.update(set(flag_values) - before)
+
+
+# Flags that do not change the fine-tuned weights: everything else is the
+# run's identity (`run_state.RunRecord`).
+NOT_IDENTITY_FLAGS = (
+    "strategy", "tpu", "num_cpu_devices", "collective", "jit_compile",
+    "predict_file", "predict_batch_size", "n_best_size", "max_answer_length",
+    "model_dir", "steps_per_loop", "checkpoint_every_minutes",
+    "allow_changed_flags",
+)
+
+
+def validate_flags(flags_):
+    """Raises `run_state.FlagError` naming the flag for a value out of range
+    (before any data or model is built)."""
+    from tpu_scripts import run_state
+
+    def check(name, ok, requirement):
+        if not ok:
+            raise run_state.FlagError(
+                f"--{name} must be {requirement}. Received: "
+                f"{getattr(flags_, name)!r}."
+            )
+
+    check("vocab_file", bool(flags_.vocab_file),
+          "given (the pre-training vocabulary)")
+    for name in ("max_seq_length", "doc_stride", "max_query_length",
+                 "global_batch_size", "n_best_size", "max_answer_length",
+                 "steps_per_loop"):
+        check(name, getattr(flags_, name) >= 1, ">= 1")
+    for name in ("predict_batch_size", "train_steps", "learning_rate",
+                 "weight_decay", "checkpoint_every_minutes",
+                 "num_cpu_devices"):
+        check(name, getattr(flags_, name) >= 0, ">= 0")
+    check("num_train_epochs",
+          flags_.num_train_epochs > 0 or flags_.train_steps > 0,
+          "positive (or set --train_steps)")
+    check("warmup_proportion", 0 <= flags_.warmup_proportion < 1,
+          "in [0, 1)")
+    check("dropout", flags_.dropout is None or 0 <= flags_.dropout < 1,
+          "in [0, 1)")
+    run_state.check_init_checkpoint(flags_.init_checkpoint, flags_.model_dir)
 
 
 def _flag_values(flags_):
@@ -104,20 +153,32 @@ def _flag_values(flags_):
 def run(flags_, log=print):
     """Fine-tunes and evaluates as `flags_` say; returns the results."""
     import keras
-    import tensorflow as tf
 
     from tpu_scripts import (bert_data, bert_models, bert_squad, distribute,
-                             trainer)
+                             run_state, trainer)
 
     start = time.time()
-    if not flags_.vocab_file:
-        raise ValueError("--vocab_file (the pre-training vocabulary) is "
-                         "required.")
+    validate_flags(flags_)
     distribute.configure_cpu_devices(flags_.num_cpu_devices)
     strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
                                        flags_.collective)
     distribute.set_mixed_precision(flags_.mixed_precision)
-    log = log if distribute.is_chief(strategy) else (lambda *a, **k: None)
+    is_chief = distribute.is_chief(strategy)
+    log = log if is_chief else (lambda *a, **k: None)
+    distribute.per_replica_batch_size(flags_.global_batch_size,
+                                      strategy.num_replicas_in_sync)
+    distribute.per_replica_batch_size(
+        flags_.predict_batch_size or flags_.global_batch_size,
+        strategy.num_replicas_in_sync, "predict_batch_size")
+    record = run_state.RunRecord(
+        flags_.model_dir, {n: v for n, v in _flag_values(flags_).items()
+                           if n not in NOT_IDENTITY_FLAGS},
+        flags_.model_dir and os.path.join(flags_.model_dir, "results.json"),
+        flags_.allow_changed_flags, is_chief, log,
+    )
+    finished = record.start()
+    if finished is not None:
+        return finished
     keras.utils.set_random_seed(flags_.seed)
     vocabulary = bert_data.load_vocabulary(flags_.vocab_file)
     tokenizer = bert_data.make_tokenizer(vocabulary, flags_.do_lower_case)
@@ -135,6 +196,15 @@ def run(flags_, log=print):
 
     train_examples = read(flags_.train_file, "train")
     predict_examples = read(flags_.predict_file, "validation")
+    unanswered = sum(not e.answers for e in predict_examples)
+    if unanswered == len(predict_examples):
+        raise run_state.FlagError(
+            f"No question of --predict_file={flags_.predict_file} has an "
+            "answer: the SQuAD v1.1 metric has nothing to score."
+        )
+    if unanswered:
+        log(f"{unanswered} question(s) to answer have no ground-truth "
+            "answer: they get predictions but no EM/F1 score.")
     train_arrays, _ = features(train_examples, training=True)
     predict_arrays, predict_meta = features(predict_examples, training=False)
     log(f"{len(train_examples)} training questions -> "
@@ -182,7 +252,13 @@ def run(flags_, log=print):
         steps_per_loop=flags_.steps_per_loop,
         jit_compile=flags_.jit_compile, log=log,
     )
-    outcome = loop.train(train_input, train_steps)
+    outcome = loop.train(
+        train_input, train_steps,
+        checkpoint_every_steps=train_input.steps_per_epoch,
+        checkpoint_every_seconds=60 * flags_.checkpoint_every_minutes,
+        on_checkpoint=record.checkpointed,
+    )
+    totals = record.totals(flags_.global_batch_size)
     start_logits, end_logits = bert_squad.predict_logits(
         strategy, loop.model, predict_arrays,
         flags_.predict_batch_size or flags_.global_batch_size,
@@ -191,10 +267,15 @@ def run(flags_, log=print):
         predict_examples, predict_meta, start_logits, end_logits,
         flags_.n_best_size, flags_.max_answer_length,
     )
+    if flags_.model_dir and is_chief:  # before scoring: never lost
+        run_state.write_json(
+            os.path.join(flags_.model_dir, "predictions.json"), predictions)
     metrics = bert_squad.squad_v1_metrics(predictions, predict_examples)
     results = dict(
         **metrics, train=outcome["train"], train_steps=outcome["step"],
-        train_seconds=outcome["train_seconds"],
+        # Over every segment of the run (restarts, preemptions).
+        train_seconds=(totals["train_seconds"] if flags_.model_dir
+                       else outcome["train_seconds"]),
         wall_seconds=time.time() - start,
         train_features=len(train_arrays["input_ids"]),
         predict_features=len(predict_arrays["input_ids"]),
@@ -203,21 +284,16 @@ def run(flags_, log=print):
     )
     log(f"SQuAD v1.1: exact match {metrics['exact_match']:.2f}, F1 "
         f"{metrics['f1']:.2f} over {metrics['count']} questions.")
-    if flags_.model_dir and distribute.is_chief(strategy):
-        tf.io.gfile.makedirs(flags_.model_dir)
-        for name, value in (("predictions.json", predictions),
-                            ("results.json", results)):
-            with tf.io.gfile.GFile(os.path.join(flags_.model_dir, name),
-                                   "w") as f:
-                json.dump(value, f, indent=2, default=str)
-    return results
+    return record.finish(results, outcome["step"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    run(flags.FLAGS)
+    from tpu_scripts import run_state
+
+    run_state.exit_on_flag_error(run, flags.FLAGS)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,18 @@ from the same initial weights on the same batches):
       --data_dir=/usr/share/datasets/fashion-mnist \
       --output_dir=results/resnet_sweep
 
-Writes `runs.csv` (every run; a rerun skips the runs already there),
-`table.csv`, `table.md`, `accuracy_vs_batch_size.png` and `command.txt`. The
+Writes `runs.csv` (every run, with the settings it ran with; a rerun skips
+the runs already there with the same settings), `table.csv`, `table.md` (with
+the settings of the runs it shows), `accuracy_vs_batch_size.png` and
+`command.txt`, each atomically through `tf.io.gfile` (`gs://` works). The
 committed results (`results/resnet_sweep/`) took 58 minutes of run time on two
 shared CPU cores.
 """
 
 import csv
+import hashlib
+import io
+import json
 import math
 import os
 import shlex
@@ -56,7 +61,13 @@ from absl import app, flags, logging  # noqa: E402
 SWEEP_OPTIMIZERS = ("lars", "lamb", "momentum", "nesterov")
 RUN_FIELDS = ("optimizer", "batch_size", "lr_multiplier", "peak_lr",
               "val_accuracy", "test_accuracy", "train_loss", "steps",
-              "seconds")
+              "seconds", "settings_id", "settings")
+# Every flag that changes a run's result besides its optimizer, batch size
+# and multiplier: finished runs are reused only when all of them match.
+SETTING_FLAGS = ("data_dir", "epochs", "recalibrate_bn_examples",
+                 "warmup_fraction", "validation_examples", "train_examples",
+                 "test_examples", "widths", "blocks_per_stage", "stem_stride",
+                 "seed")
 LABELS = {
     "lars": "LARS",
     "lamb": "LAMB",
@@ -272,23 +283,26 @@ def best_rows(runs):
 
 
 def write_tables(best, output_dir, protocol, command, total_seconds,
-                 multipliers=()):
+                 multipliers=(), settings=None):
     """Writes table.csv and table.md; a `*` marks a rate picked at an end of
-    the grid `multipliers` (the optimum may lie beyond it)."""
+    the grid `multipliers` (the optimum may lie beyond it). `settings` (the
+    runs' `run_settings`) are stated under the table."""
+    from tpu_scripts import run_state
+
     optimizers = [o for o in SWEEP_OPTIMIZERS
                   if any(k[0] == o for k in best)]
     batches = sorted({k[1] for k in best})
-    with open(os.path.join(output_dir, "table.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["optimizer", "batch_size", "peak_lr",
-                         "lr_multiplier", "val_accuracy", "test_accuracy",
-                         "steps"])
-        for (opt, batch), row in best.items():
-            writer.writerow([opt, batch, f"{float(row['peak_lr']):.4g}",
-                             row["lr_multiplier"],
-                             f"{float(row['val_accuracy']):.4f}",
-                             f"{float(row['test_accuracy']):.4f}",
-                             row["steps"]])
+    table_csv = io.StringIO()
+    writer = csv.writer(table_csv)
+    writer.writerow(["optimizer", "batch_size", "peak_lr",
+                     "lr_multiplier", "val_accuracy", "test_accuracy",
+                     "steps"])
+    for (opt, batch), row in best.items():
+        writer.writerow([opt, batch, f"{float(row['peak_lr']):.4g}",
+                         row["lr_multiplier"],
+                         f"{float(row['val_accuracy']):.4f}",
+                         f"{float(row['test_accuracy']):.4f}",
+                         row["steps"]])
     lines = [
         "# Fashion-MNIST test accuracy vs global batch size",
         "",
@@ -314,12 +328,19 @@ def write_tables(best, output_dir, protocol, command, total_seconds,
             cells.append(f"{100 * float(row['test_accuracy']):.2f} "
                          f"({float(row['peak_lr']):.3g}{'*' if edge else ''})")
         lines.append(f"| {batch} | {steps} | " + " | ".join(cells) + " |")
+    run_state.write_text(os.path.join(output_dir, "table.csv"),
+                         table_csv.getvalue())
+    if settings:
+        lines += ["", f"Settings of every run shown (id "
+                  f"{settings_id(settings)}): "
+                  + ", ".join(f"{k}={v}" for k, v in sorted(
+                      settings.items())) + "."]
     lines += ["", "Protocol: " + protocol, "",
               f"Sweep time (sum of the runs): {total_seconds / 60:.1f} min.",
               "",
               "Command:", "", "```", command, "```", ""]
-    with open(os.path.join(output_dir, "table.md"), "w") as f:
-        f.write("\n".join(lines))
+    run_state.write_text(os.path.join(output_dir, "table.md"),
+                         "\n".join(lines))
     return "\n".join(lines)
 
 
@@ -346,26 +367,63 @@ def write_plot(best, output_dir, title):
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
+    from tpu_scripts import run_state
+
     path = os.path.join(output_dir, "accuracy_vs_batch_size.png")
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
+    run_state.write_text(path, image.getvalue(), mode="wb")
     return path
 
 
 def read_runs(path):
-    if not os.path.exists(path):
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    with tf.io.gfile.GFile(path) as f:
+        return list(csv.DictReader(io.StringIO(f.read())))
+
+
+def write_runs(path, runs):
+    """Writes every run to `path` (CSV) atomically."""
+    from tpu_scripts import run_state
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, RUN_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(runs)
+    run_state.write_text(path, text.getvalue())
+
+
+def run_settings(flags_):
+    """`{flag: value}` of `SETTING_FLAGS` (what a finished run is keyed
+    by, with its optimizer, batch size and multiplier)."""
+    return {name: (list(value) if isinstance(value, (list, tuple))
+                   else value)
+            for name in SETTING_FLAGS
+            for value in [getattr(flags_, name)]}
+
+
+def settings_id(settings):
+    return hashlib.sha1(
+        json.dumps(settings, sort_keys=True).encode()
+    ).hexdigest()[:10]
+
+
+def run_key(row):
+    return (row.get("settings_id") or "", row["optimizer"],
+            int(row["batch_size"]), float(row["lr_multiplier"]))
 
 
 # ----------------------------------------------------------------------------
 
 
 def load_data(flags_):
-    from tpu_scripts import data
+    from tpu_scripts import data, run_state
 
     if not data.has_fashion_mnist(flags_.data_dir):
-        raise app.UsageError(
+        raise run_state.FlagError(
             f"No Fashion-MNIST IDX files in {flags_.data_dir!r}: install "
             "them (`apt-get install dataset-fashion-mnist`) or pass "
             "--data_dir."
@@ -407,57 +465,99 @@ def protocol_text(flags_, data):
     )
 
 
+def validate_flags(flags_):
+    """Raises `run_state.FlagError` naming the flag for a bad value."""
+    from tpu_scripts import run_state
+
+    def check(name, ok, requirement):
+        if not ok:
+            raise run_state.FlagError(
+                f"--{name} must be {requirement}. Received: "
+                f"{getattr(flags_, name)!r}.")
+
+    def numbers(values, kind):
+        try:
+            return [kind(v) for v in values]
+        except ValueError:
+            return []
+
+    check("batch_sizes", flags_.batch_sizes and all(
+        b > 0 for b in numbers(flags_.batch_sizes, int))
+        and numbers(flags_.batch_sizes, int), "positive integers")
+    check("lr_multipliers", flags_.lr_multipliers and all(
+        m > 0 for m in numbers(flags_.lr_multipliers, float))
+        and numbers(flags_.lr_multipliers, float), "positive numbers")
+    check("optimizers", flags_.optimizers and set(flags_.optimizers)
+          <= set(SWEEP_OPTIMIZERS), f"some of {', '.join(SWEEP_OPTIMIZERS)}")
+    check("epochs", flags_.epochs > 0, "positive")
+    check("warmup_fraction", 0 <= flags_.warmup_fraction < 1, "in [0, 1)")
+    for name in ("recalibrate_bn_examples", "validation_examples",
+                 "train_examples", "test_examples"):
+        check(name, getattr(flags_, name) >= 0, ">= 0")
+    for name in ("blocks_per_stage", "stem_stride"):
+        check(name, getattr(flags_, name) >= 1, ">= 1")
+    check("widths", flags_.widths and all(
+        w > 0 for w in numbers(flags_.widths, int))
+        and numbers(flags_.widths, int), "positive integers")
+
+
+def run_sweep(flags_, argv, train=None, log=print):
+    """Runs the configurations of `flags_` not yet in `runs.csv` with the
+    same settings (`train`: `train_one`), then writes the table and plot.
+    Returns the table text."""
+    from tpu_scripts import run_state
+
+    train = train or train_one
+    validate_flags(flags_)
+    out = flags_.output_dir
+    command = "python tpu_scripts/sweep_batch_size.py " + " ".join(
+        shlex.quote(a) for a in argv
+    )
+    run_state.write_text(os.path.join(out, "command.txt"), command + "\n")
+    data = load_data(flags_)
+    protocol = protocol_text(flags_, data)
+    log("Protocol:", protocol, flush=True)
+    settings = run_settings(flags_)
+    current = settings_id(settings)
+    runs_path = os.path.join(out, "runs.csv")
+    runs = read_runs(runs_path)
+    done = {run_key(r) for r in runs}
+    configs = [(current, o, int(b), float(m)) for b in flags_.batch_sizes
+               for o in flags_.optimizers for m in flags_.lr_multipliers]
+    for i, key in enumerate(configs, 1):
+        if key in done:
+            continue
+        _, opt, batch, mult = key
+        row = dict(train(flags_, data, opt, batch, mult),
+                   settings_id=current,
+                   settings=json.dumps(settings, sort_keys=True))
+        runs.append(row)
+        write_runs(runs_path, runs)
+        log(f"[{i}/{len(configs)}] {opt:8s} batch {batch:5d} lr "
+            f"{row['peak_lr']:.4g} (x{mult:g}): val "
+            f"{row['val_accuracy']:.4f} test {row['test_accuracy']:.4f} "
+            f"train loss {row['train_loss']:.4f}, {row['steps']} steps, "
+            f"{row['seconds']:.0f} s", flush=True)
+    shown = [r for r in runs if run_key(r) in set(configs)]
+    total = sum(float(r["seconds"]) for r in shown)
+    best = best_rows(shown)
+    table = write_tables(best, out, protocol, command, total,
+                         [float(m) for m in flags_.lr_multipliers], settings)
+    title = (f"Fashion-MNIST, small ResNet, {flags_.epochs:g} epochs, best "
+             f"of {len(flags_.lr_multipliers)} learning rates per point")
+    plot = write_plot(best, out, title)
+    log(table)
+    log(f"Wrote {out}/table.md, table.csv, runs.csv, {plot}.")
+    return table
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.ERROR)  # not TF's per-run retracing notes
-    flags_ = flags.FLAGS
-    for name in flags_.optimizers:
-        rate_centre(name, 1)  # rejects unknown names
-    os.makedirs(flags_.output_dir, exist_ok=True)
-    command = "python tpu_scripts/sweep_batch_size.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
-    with open(os.path.join(flags_.output_dir, "command.txt"), "w") as f:
-        f.write(command + "\n")
-    data = load_data(flags_)
-    protocol = protocol_text(flags_, data)
-    print("Protocol:", protocol, flush=True)
-    runs_path = os.path.join(flags_.output_dir, "runs.csv")
-    runs = read_runs(runs_path)
-    done = {(r["optimizer"], int(r["batch_size"]), float(r["lr_multiplier"]))
-            for r in runs}
-    configs = [(o, int(b), float(m)) for b in flags_.batch_sizes
-               for o in flags_.optimizers for m in flags_.lr_multipliers]
-    start = time.time()
-    previous = sum(float(r["seconds"]) for r in runs)
-    for i, (opt, batch, mult) in enumerate(configs, 1):
-        if (opt, batch, mult) in done:
-            continue
-        row = train_one(flags_, data, opt, batch, mult)
-        runs.append(row)
-        new_file = not os.path.exists(runs_path)
-        with open(runs_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, RUN_FIELDS)
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
-        print(f"[{i}/{len(configs)}] {opt:8s} batch {batch:5d} lr "
-              f"{row['peak_lr']:.4g} (x{mult:g}): val "
-              f"{row['val_accuracy']:.4f} test {row['test_accuracy']:.4f} "
-              f"train loss {row['train_loss']:.4f}, {row['steps']} steps, "
-              f"{row['seconds']:.0f} s", flush=True)
-    total = previous + (time.time() - start)
-    best = best_rows([r for r in runs if (
-        r["optimizer"], int(r["batch_size"]), float(r["lr_multiplier"]))
-        in set(configs)])
-    table = write_tables(best, flags_.output_dir, protocol, command, total,
-                         [float(m) for m in flags_.lr_multipliers])
-    title = (f"Fashion-MNIST, small ResNet, {flags_.epochs:g} epochs, best "
-             f"of {len(flags_.lr_multipliers)} learning rates per point")
-    plot = write_plot(best, flags_.output_dir, title)
-    print(table)
-    print(f"Wrote {flags_.output_dir}/table.md, table.csv, runs.csv, {plot}.")
+    from tpu_scripts import run_state
+
+    run_state.exit_on_flag_error(run_sweep, flags.FLAGS, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ What it does (every number is a flag):
 """
 
 import csv
+import io
 import json
 import math
 import os
@@ -137,18 +138,21 @@ def define_flags(flag_values=None):
 
 
 def split_text(text_file, work_dir, heldout_fraction):
-    """Writes `train.txt` and `heldout.txt` (split at a blank line)."""
-    with open(text_file, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    """Writes `train.txt` and `heldout.txt` (split at a blank line); any
+    `tf.io.gfile` paths (`gs://` included)."""
+    import tensorflow as tf
+
+    from tpu_scripts import run_state
+
+    with tf.io.gfile.GFile(text_file, "rb") as f:
+        lines = f.read().decode("utf-8").splitlines()
     cut = int(len(lines) * (1 - heldout_fraction))
     while cut < len(lines) and lines[cut].strip():
         cut += 1
-    os.makedirs(work_dir, exist_ok=True)
     paths = {}
     for name, part in (("train", lines[:cut]), ("heldout", lines[cut:])):
         paths[name] = os.path.join(work_dir, f"{name}.txt")
-        with open(paths[name], "w", encoding="utf-8") as f:
-            f.write("\n".join(part) + "\n")
+        run_state.write_text(paths[name], "\n".join(part) + "\n")
     return paths
 
 
@@ -156,23 +160,23 @@ def prepare_data(cfg, log=print):
     """`(train, validation, test)` feature dicts and the data settings."""
     import numpy as np
 
-    from tpu_scripts import bert_data
+    from tpu_scripts import bert_data, run_state
 
     settings = dict(
-        text_file=os.path.abspath(cfg.text_file),
+        text_file=_absolute(cfg.text_file),
         heldout_fraction=cfg.heldout_fraction, vocab_size=cfg.vocab_size,
         max_seq_length=cfg.max_seq_length,
         max_predictions_per_seq=cfg.max_predictions_per_seq,
         dupe_factor=cfg.dupe_factor, seed=cfg.seed,
     )
     stamp = os.path.join(cfg.work_dir, "settings.json")
-    cached = os.path.exists(stamp) and json.load(open(stamp)) == settings
+    cached = run_state.read_json(stamp) == settings
     if not cached:
         paths = split_text(cfg.text_file, cfg.work_dir, cfg.heldout_fraction)
         common = dict(
             max_seq_length=cfg.max_seq_length,
             max_predictions_per_seq=cfg.max_predictions_per_seq,
-            dupe_factor=cfg.dupe_factor, log=log,
+            dupe_factor=cfg.dupe_factor, overwrite=True, log=log,
         )
         bert_data.create_pretraining_data(
             paths["train"], os.path.join(cfg.work_dir, "train"),
@@ -183,8 +187,7 @@ def prepare_data(cfg, log=print):
             vocab_file=os.path.join(cfg.work_dir, "train", "vocab.txt"),
             random_seed=cfg.seed + 1, **common,
         )
-        with open(stamp, "w") as f:
-            json.dump(settings, f)
+        run_state.write_json(stamp, settings)
 
     def load(name):
         return bert_data.load_records(
@@ -313,19 +316,48 @@ def _score(run):
     return -1.0 if run["diverged"] or not math.isfinite(value) else value
 
 
-class RunLog:
-    """Runs keyed by (optimizer, rate, batch), persisted to runs.jsonl."""
+# Every flag that changes one run's result besides its optimizer, rate and
+# batch size: finished runs are reused only when all of them match.
+SETTING_FLAGS = (
+    "text_file", "heldout_fraction", "vocab_size", "max_seq_length",
+    "max_predictions_per_seq", "dupe_factor", "train_examples",
+    "heldout_examples", "epochs", "num_layers", "hidden_dim", "num_heads",
+    "intermediate_dim", "dropout", "max_micro_batch", "warmup_ratio",
+    "weight_decay", "seed",
+)
 
-    def __init__(self, path):
+
+def _absolute(path):
+    return path if "://" in path else os.path.abspath(path)
+
+
+def run_settings(cfg):
+    """`{flag: value}` of `SETTING_FLAGS`."""
+    settings = {name: getattr(cfg, name) for name in SETTING_FLAGS}
+    settings["text_file"] = _absolute(cfg.text_file)
+    return settings
+
+
+class RunLog:
+    """Runs keyed by (settings, optimizer, rate, batch), persisted to
+    runs.jsonl (rewritten atomically after every run; any `tf.io.gfile`
+    path). Runs made with other settings stay in the file but are never
+    reused."""
+
+    def __init__(self, path, settings):
+        import tensorflow as tf
+
         self.path = path
+        self.settings = json.loads(json.dumps(settings))
+        self.all_runs = []
         self.runs = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    run = json.loads(line)
-                    self.runs[self.key(run["optimizer"],
-                                       run["learning_rate"],
-                                       run["batch_size"])] = run
+        if tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(path) as f:
+                self.all_runs = [json.loads(line) for line in f if line.strip()]
+        for run in self.all_runs:
+            if run.get("settings") == self.settings:
+                self.runs[self.key(run["optimizer"], run["learning_rate"],
+                                   run["batch_size"])] = run
 
     @staticmethod
     def key(optimizer, learning_rate, batch_size):
@@ -333,13 +365,17 @@ class RunLog:
 
     def get_or_run(self, cfg, data, optimizer, learning_rate, batch_size,
                    log):
+        from tpu_scripts import run_state
+
         key = self.key(optimizer, learning_rate, batch_size)
         if key not in self.runs:
             run = train_once(cfg, data, optimizer, learning_rate, batch_size,
                              log)
+            run["settings"] = self.settings
             self.runs[key] = run
-            with open(self.path, "a") as f:
-                f.write(json.dumps(run) + "\n")
+            self.all_runs.append(run)
+            run_state.write_text(self.path, "".join(
+                json.dumps(r) + "\n" for r in self.all_runs))
         return self.runs[key]
 
 
@@ -391,8 +427,9 @@ def sweep(cfg, data, run_log, log=print):
 
 def write_outputs(cfg, table, best_base, settings, run_log, seconds,
                   argv):
+    from tpu_scripts import run_state
+
     out = cfg.output_dir
-    os.makedirs(out, exist_ok=True)
     batch_sizes = sorted(int(b) for b in cfg.batch_sizes)
     fields = ["optimizer", "learning_rate", "batch_size", "micro_batch_size",
               "accumulation_steps", "updates", "train_loss",
@@ -402,27 +439,32 @@ def write_outputs(cfg, table, best_base, settings, run_log, seconds,
     runs = sorted(run_log.runs.values(),
                   key=lambda r: (r["optimizer"], r["batch_size"],
                                  r["learning_rate"]))
-    with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(runs)
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "batch_size", "updates", "learning_rate",
-                         "test_mlm_accuracy", "test_loss", "diverged"])
-        for method in METHODS:
-            for batch in batch_sizes:
-                run = table[method][batch]
-                writer.writerow([
-                    method, batch, run["updates"],
-                    f"{run['learning_rate']:.6g}",
-                    f"{run['test_mlm_accuracy']:.4f}",
-                    f"{run['test_loss']:.4f}", run["diverged"],
-                ])
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(runs)
+    run_state.write_text(os.path.join(out, "runs.csv"), text.getvalue())
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["method", "batch_size", "updates", "learning_rate",
+                     "test_mlm_accuracy", "test_loss", "diverged"])
+    for method in METHODS:
+        for batch in batch_sizes:
+            run = table[method][batch]
+            writer.writerow([
+                method, batch, run["updates"],
+                f"{run['learning_rate']:.6g}",
+                f"{run['test_mlm_accuracy']:.4f}",
+                f"{run['test_loss']:.4f}", run["diverged"],
+            ])
+    run_state.write_text(os.path.join(out, "results.csv"), text.getvalue())
     lines = [
         "Test MLM accuracy (held-out masked tokens) after "
         f"{cfg.epochs:g} epochs of {cfg.train_examples} sequences; peak "
         "learning rate in brackets; `*` = diverged (non-finite loss).",
+        "",
+        "Settings of every run shown: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(run_log.settings.items())) + ".",
         "",
         "| method | " + " | ".join(f"B={b}" for b in batch_sizes) + " |",
         "|---|" + "---|" * len(batch_sizes),
@@ -449,17 +491,16 @@ def write_outputs(cfg, table, best_base, settings, run_log, seconds,
         "evaluation in all; this invocation took "
         f"{seconds / 60:.1f} min.",
     ]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    run_state.write_text(os.path.join(out, "results.md"),
+                         "\n".join(lines) + "\n")
     plot(cfg, table, settings, os.path.join(out, "mlm_accuracy_vs_batch.png"))
     config = {n: getattr(cfg, n) for n in sorted(FLAG_NAMES)}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dict(flags=config, data=settings,
-                       base_learning_rates=best_base,
-                       run_minutes=run_minutes(run_log),
-                       invocation_minutes=seconds / 60), f, indent=1)
-    with open(os.path.join(out, "command.txt"), "w") as f:
-        f.write(" ".join(shlex.quote(a) for a in argv) + "\n")
+    run_state.write_json(os.path.join(out, "config.json"), dict(
+        flags=config, data=settings, run_settings=run_log.settings,
+        base_learning_rates=best_base, run_minutes=run_minutes(run_log),
+        invocation_minutes=seconds / 60))
+    run_state.write_text(os.path.join(out, "command.txt"),
+                         " ".join(shlex.quote(a) for a in argv) + "\n")
     return "\n".join(lines)
 
 
@@ -504,23 +545,65 @@ def plot(cfg, table, settings, path):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    from tpu_scripts import run_state
+
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    run_state.write_text(path, image.getvalue(), mode="wb")
+
+
+def validate_flags(cfg):
+    """Raises `run_state.FlagError` naming the flag for a bad value."""
+    from tpu_scripts import run_state
+
+    def check(name, ok, requirement):
+        if not ok:
+            raise run_state.FlagError(
+                f"--{name} must be {requirement}. Received: "
+                f"{getattr(cfg, name)!r}.")
+
+    def positive(values, kind):
+        try:
+            return bool(values) and all(kind(v) > 0 for v in values)
+        except ValueError:
+            return False
+
+    check("text_file", bool(cfg.text_file), "given")
+    check("batch_sizes", positive(cfg.batch_sizes, int), "positive integers")
+    for name in ("lamb_grid", "adamw_grid"):
+        check(name, positive(getattr(cfg, name), float), "positive numbers")
+    try:
+        exponents = [float(p) for p in cfg.tuned_exponents]
+    except ValueError:
+        exponents = []
+    check("tuned_exponents", bool(exponents), "numbers")
+    for name in ("base_batch_size", "train_examples", "heldout_examples",
+                 "vocab_size", "max_predictions_per_seq", "dupe_factor",
+                 "num_layers", "hidden_dim", "num_heads", "intermediate_dim",
+                 "max_micro_batch", "steps_per_loop"):
+        check(name, getattr(cfg, name) >= 1, ">= 1")
+    check("max_seq_length", cfg.max_seq_length >= 5, ">= 5")
+    check("epochs", cfg.epochs > 0, "positive")
+    for name in ("heldout_fraction", "warmup_ratio", "dropout"):
+        check(name, 0 <= getattr(cfg, name) < 1, "in [0, 1)")
+    check("weight_decay", cfg.weight_decay >= 0, ">= 0")
+    largest = max(int(b) for b in cfg.batch_sizes)
+    if cfg.train_examples % largest:
+        raise run_state.FlagError(
+            f"--train_examples={cfg.train_examples} must be a multiple of "
+            f"the largest batch size {largest}."
+        )
 
 
 def run(cfg, argv=(), log=print):
     start = time.time()
-    largest = max(int(b) for b in cfg.batch_sizes)
-    if cfg.train_examples % largest:
-        raise ValueError(
-            f"--train_examples={cfg.train_examples} must be a multiple of "
-            f"the largest batch size {largest}."
-        )
+    validate_flags(cfg)
     data, settings = prepare_data(cfg, log)
     data["vocabulary_size"] = settings["vocabulary_size"]
     log(f"Data: {json.dumps(settings)}")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    run_log = RunLog(os.path.join(cfg.output_dir, "runs.jsonl"))
+    run_log = RunLog(os.path.join(cfg.output_dir, "runs.jsonl"),
+                     run_settings(cfg))
     table, best_base = sweep(cfg, data, run_log, log)
     seconds = time.time() - start
     summary = write_outputs(cfg, table, best_base, settings, run_log,
@@ -532,11 +615,13 @@ def run(cfg, argv=(), log=print):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS.text_file:
-        raise app.UsageError("--text_file is required.")
     logging.set_verbosity(logging.WARNING)
-    run(flags.FLAGS, argv=["python", "-m", "tpu_scripts.sweep_bert_batch"]
-        + sys.argv[1:])
+    from tpu_scripts import run_state
+
+    run_state.exit_on_flag_error(
+        run, flags.FLAGS,
+        argv=["python", "-m", "tpu_scripts.sweep_bert_batch"] + sys.argv[1:],
+    )
 
 
 if __name__ == "__main__":

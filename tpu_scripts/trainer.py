@@ -31,13 +31,15 @@ trainer with their own task.
 
 import os
 import re
+import signal
+import threading
 import time
 
 import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from tpu_scripts import distribute
+from tpu_scripts import distribute, run_state
 
 # TensorBoard's scalar format, written with TensorFlow's own summary op so
 # that training does not need the `tensorboard` package (only viewing does).
@@ -255,6 +257,10 @@ class Trainer:
         ) if jit_compile else self._forward_backward_fn
         self._train_loop = tf.function(self._train_loop_fn)
         self._eval_loop = tf.function(self._eval_loop_fn)
+        self._any_worker = None
+        self._last_save = self._segment_start = time.time()
+        self._on_checkpoint = lambda *a: None
+        self._saved_step = None
 
     # ------------------------------------------------------------------ steps
 
@@ -375,16 +381,25 @@ class Trainer:
         latest = tf.train.latest_checkpoint(self.model_dir)
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self._saved_step = int(self.global_step.numpy())
             self._log(
                 f"Restored {latest} at step {int(self.global_step.numpy())}."
             )
         return int(self.global_step.numpy())
 
     def save(self):
-        if self.checkpoint_manager is not None:
-            return self.checkpoint_manager.save(
-                checkpoint_number=self.global_step
-            )
+        """Saves a checkpoint at the global step (every worker takes part;
+        only the chief's copy is kept); returns its path."""
+        if self.checkpoint_manager is None:
+            return None
+        path = self.checkpoint_manager.save(checkpoint_number=self.global_step)
+        self._checkpointed(time.time())
+        return path
+
+    def _checkpointed(self, now):
+        self._last_save = now
+        self._saved_step = int(self.global_step.numpy())
+        self._on_checkpoint(self._saved_step, now - self._segment_start)
 
     def learning_rate(self):
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
@@ -421,7 +436,8 @@ class Trainer:
         return self._results(self.eval_metrics)
 
     def train(self, train_input, train_steps, eval_input=None,
-              eval_every_steps=0, checkpoint_every_steps=0):
+              eval_every_steps=0, checkpoint_every_steps=0,
+              checkpoint_every_seconds=0, on_checkpoint=None):
         """Trains to `train_steps` global steps, resuming from `model_dir`.
 
         Args:
@@ -432,59 +448,68 @@ class Trainer:
             eval_every_steps: evaluate every this many steps (0: at the end).
             checkpoint_every_steps: save every this many steps (0: at each
                 evaluation and at the end).
+            checkpoint_every_seconds: also save at the first loop boundary
+                this long after the last save (0: never by time). Under
+                `MultiWorkerMirroredStrategy` the workers agree on it.
+            on_checkpoint: called as `on_checkpoint(step, train_seconds)`
+                after every save (e.g. `run_state.RunRecord.checkpointed`).
+
+        On SIGTERM (with a `model_dir`) the run saves a checkpoint at the
+        next loop boundary and raises `run_state.Preempted`; see
+        `_PreemptionWatcher`.
 
         Returns:
             A dict: `step`, `train` (last loop's metrics), `eval` (last
             evaluation's metrics, if any), `train_seconds`, `images_per_second`
             (over the steps run by this process).
         """
+        for name, value in (("eval_every_steps", eval_every_steps),
+                            ("checkpoint_every_steps", checkpoint_every_steps),
+                            ("checkpoint_every_seconds",
+                             checkpoint_every_seconds),
+                            ("train_steps", train_steps)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0. Received: {value}.")
         steps_per_epoch = train_input.steps_per_epoch
         step = self.restore()
         start_step, start_time = step, time.time()
+        self._last_save = start_time
+        self._on_checkpoint = on_checkpoint or (lambda *a: None)
+        self._segment_start = start_time
         train_results, eval_results = {}, {}
         boundaries = [b for b in (eval_every_steps, checkpoint_every_steps) if b]
-        while step < train_steps:
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            iterator = iter(self._distribute(train_input, epoch, step_in_epoch))
-            epoch_end = min((epoch + 1) * steps_per_epoch, train_steps)
-            while step < epoch_end:
-                stop = min(epoch_end, step + self.steps_per_loop)
-                for every in boundaries:  # stop at the next eval / checkpoint
-                    stop = min(stop, (step // every + 1) * every)
-                for m in self.train_metrics.values():
-                    m.reset_state()
-                loop_start = time.time()
-                self._train_loop(iterator, tf.constant(stop - step))
-                train_results = self._results(self.train_metrics)  # syncs
-                seconds = time.time() - loop_start
-                images_per_second = (
-                    (stop - step) * self.global_batch_size / seconds
+        with _PreemptionWatcher(self) as watcher:
+            while step < train_steps:
+                epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                iterator = iter(
+                    self._distribute(train_input, epoch, step_in_epoch)
                 )
-                step = stop
-                learning_rate = self.learning_rate()
-                self._log(
-                    f"step {step}/{train_steps} epoch "
-                    f"{step / steps_per_epoch:.2f} "
-                    + " ".join(f"{k} {v:.4f}" for k, v in train_results.items())
-                    + f" lr {learning_rate:.4g} "
-                    f"{images_per_second:.0f} images/s", flush=True,
-                )
-                with self._train_writer.as_default():
-                    for name, value in train_results.items():
-                        write_scalar(name, value, step)
-                    write_scalar("learning_rate", learning_rate, step)
-                    write_scalar("images_per_second", images_per_second, step)
-                    self._write_trust_ratios(step)
-                evaluate = eval_input is not None and eval_every_steps and (
-                    step % eval_every_steps == 0 and step < train_steps
-                )
-                if evaluate:
-                    eval_results = self._evaluate_and_log(eval_input, step)
-                if (checkpoint_every_steps and step % checkpoint_every_steps
-                        == 0) or (evaluate and not checkpoint_every_steps):
-                    self.save()
+                epoch_end = min((epoch + 1) * steps_per_epoch, train_steps)
+                while step < epoch_end:
+                    stop = min(epoch_end, step + self.steps_per_loop)
+                    for every in boundaries:  # stop at the next eval / save
+                        stop = min(stop, (step // every + 1) * every)
+                    train_results = self._run_loop(
+                        iterator, step, stop, train_steps, steps_per_epoch
+                    )
+                    step = stop
+                    evaluate = eval_input is not None and eval_every_steps and (
+                        step % eval_every_steps == 0 and step < train_steps
+                    )
+                    if evaluate:
+                        eval_results = self._evaluate_and_log(eval_input, step)
+                    if (checkpoint_every_steps and step % checkpoint_every_steps
+                            == 0) or (evaluate and not checkpoint_every_steps):
+                        self.save()
+                    elif checkpoint_every_seconds and self._all_agree(
+                            time.time() - self._last_save
+                            >= checkpoint_every_seconds):
+                        self.save()
+                    if step < train_steps:
+                        watcher.stop_if_preempted(step)
         train_seconds = time.time() - start_time
-        self.save()
+        if self._saved_step != step:  # (rewriting a checkpoint can tear it)
+            self.save()
         if eval_input is not None:
             eval_results = self._evaluate_and_log(eval_input, step)
         self._train_writer.flush()
@@ -501,6 +526,45 @@ class Trainer:
             ),
         }
 
+    def _run_loop(self, iterator, step, stop, train_steps, steps_per_epoch):
+        """Runs steps `step..stop`, logs and writes summaries; returns the
+        loop's metrics."""
+        for m in self.train_metrics.values():
+            m.reset_state()
+        loop_start = time.time()
+        self._train_loop(iterator, tf.constant(stop - step))
+        train_results = self._results(self.train_metrics)  # syncs
+        seconds = time.time() - loop_start
+        images_per_second = (stop - step) * self.global_batch_size / seconds
+        learning_rate = self.learning_rate()
+        self._log(
+            f"step {stop}/{train_steps} epoch {stop / steps_per_epoch:.2f} "
+            + " ".join(f"{k} {v:.4f}" for k, v in train_results.items())
+            + f" lr {learning_rate:.4g} {images_per_second:.0f} images/s",
+            flush=True,
+        )
+        with self._train_writer.as_default():
+            for name, value in train_results.items():
+                write_scalar(name, value, stop)
+            write_scalar("learning_rate", learning_rate, stop)
+            write_scalar("images_per_second", images_per_second, stop)
+            self._write_trust_ratios(stop)
+        return train_results
+
+    def _all_agree(self, flag):
+        """`flag` on every worker if it is true on any (a time-based save is
+        a collective under `MultiWorkerMirroredStrategy`: all workers must
+        take it at the same step)."""
+        if not isinstance(self.strategy,
+                          tf.distribute.MultiWorkerMirroredStrategy):
+            return flag
+        if self._any_worker is None:
+            self._any_worker = tf.function(lambda x: self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM,
+                self.strategy.run(lambda: tf.identity(x)), axis=None,
+            ))
+        return bool(self._any_worker(tf.constant(float(flag))) > 0)
+
     def _evaluate_and_log(self, eval_input, step):
         results = self.evaluate(eval_input)
         self._log(
@@ -512,3 +576,95 @@ class Trainer:
             for name, value in results.items():
                 write_scalar(name, value, step)
         return results
+
+
+class _HandlerExit(Exception):
+    """Raised by PreemptionCheckpointHandler's exit function."""
+
+
+class _PreemptionWatcher:
+    """Saves a checkpoint and stops the run on SIGTERM (a context manager
+    around the training loop).
+
+    Under `MultiWorkerMirroredStrategy` (off Google Cloud VMs, where
+    TensorFlow's handler does nothing for CPUs and TPUs) TensorFlow's
+    `tf.distribute.experimental.PreemptionCheckpointHandler` watches: it
+    agrees with the other workers on the step at which all of them save.
+    Every other strategy runs in one process per host loop: a SIGTERM handler
+    sets a flag, and at the next loop boundary the trainer saves. Either way
+    `stop_if_preempted` then raises `run_state.Preempted`. Nothing is watched
+    without a `model_dir` or outside the main thread.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.handler = None
+        self.signalled = False
+        self._previous = None
+
+    def __enter__(self):
+        trainer = self.trainer
+        main_thread = threading.current_thread() is threading.main_thread()
+        if trainer.checkpoint_manager is None or not main_thread:
+            return self
+        if self._tensorflow_handler_applies():
+            self.handler = (
+                tf.distribute.experimental.PreemptionCheckpointHandler(
+                    trainer.strategy.cluster_resolver,
+                    trainer.checkpoint_manager,
+                    termination_config=tf.distribute.experimental
+                    .TerminationConfig(exit_fn=self._handler_exit),
+                )
+            )
+        else:
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def _tensorflow_handler_applies(self):
+        if not isinstance(self.trainer.strategy,
+                          tf.distribute.MultiWorkerMirroredStrategy):
+            return False
+        try:
+            from tensorflow.python.distribute.failure_handling import (
+                failure_handling_util as util,
+            )
+        except ImportError:
+            return False
+        return util.detect_platform() not in (util.PlatformDevice.GCE_TPU,
+                                              util.PlatformDevice.GCE_CPU)
+
+    @staticmethod
+    def _handler_exit():
+        raise _HandlerExit()
+
+    def _on_sigterm(self, signum, frame):
+        self.signalled = True
+        self.trainer._log("SIGTERM: saving a checkpoint at the end of this "
+                          "loop, then stopping.", flush=True)
+
+    def stop_if_preempted(self, step):
+        """Saves and raises `run_state.Preempted` if a SIGTERM came."""
+        trainer = self.trainer
+        if self.handler is not None:
+            try:
+                self.handler.save_checkpoint_if_preempted(
+                    checkpoint_number=trainer.global_step
+                )
+            except _HandlerExit:
+                trainer._checkpointed(time.time())
+                self._stop(step)
+            return
+        if self.signalled:
+            if trainer._saved_step != step:
+                trainer.save()
+            self._stop(step)
+
+    def _stop(self, step):
+        self.trainer._log(f"Preempted: saved a checkpoint at step {step}; "
+                          "a restart continues from it.", flush=True)
+        raise run_state.Preempted(step)
