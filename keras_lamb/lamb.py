@@ -68,6 +68,12 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         **kwargs: the base optimizer keywords (`clipnorm`, `global_clipnorm`,
             `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
             `loss_scale_factor`, `gradient_accumulation_steps`, `name`).
+            They act on the gradient of the global batch: under a
+            `tf.distribute` strategy the replicas' gradients are all-reduced
+            first, then accumulated, clipped and applied exactly as on one
+            device (Keras's own optimizers clip each replica's share before
+            the all-reduce). Sparse `Embedding` gradients are summed into
+            dense ones before clipping, so norms count repeated rows once.
 
     References:
         - You et al., *Large Batch Optimization for Deep Learning: Training
