@@ -554,9 +554,11 @@ def train(flags_, strategy=None, log=print):
     run, whose saved results are returned untouched)."""
     start = time.time()
     validate_flags(flags_)
+    if strategy is None:
+        # Before anything creates a tensor (a recipe builds its optimizer).
+        distribute.configure_cpu_devices(flags_.num_cpu_devices)
     plan = plan_hyperparameters(flags_)
     if strategy is None:
-        distribute.configure_cpu_devices(flags_.num_cpu_devices)
         strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
                                            flags_.collective)
     distribute.set_mixed_precision(flags_.mixed_precision)
