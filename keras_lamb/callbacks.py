@@ -1,5 +1,6 @@
 """Training callbacks: per-layer trust-ratio monitoring."""
 
+import importlib
 import math
 import re
 
@@ -266,7 +267,7 @@ class TrustRatioMonitor(keras.callbacks.Callback):
 
 def _require_tensorflow():
     try:
-        import tensorflow  # noqa: F401
+        importlib.import_module("tensorflow")
     except ImportError:
         raise ImportError(
             "TrustRatioMonitor(log_dir=...) writes TensorBoard summaries with "
