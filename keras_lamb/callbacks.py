@@ -1,5 +1,7 @@
 """Training callbacks: per-layer trust-ratio monitoring."""
 
+import importlib
+import math
 import re
 
 import keras
@@ -63,13 +65,19 @@ class TrustRatioMonitor(keras.callbacks.Callback):
     all variables (`across_layers/log10_trust_ratio` as well, since the
     ratios span orders of magnitude).
 
-    Reading the statistics copies four scalars per variable to the host, so
-    keep `every_n_steps` in the tens or hundreds for large models.
+    Between records the monitor reads nothing from the devices: it counts
+    batches on the host and reads `optimizer.iterations` only when a record
+    may be due. Each record copies four scalars per variable to the host (and,
+    on JAX, re-attaches the model's state to its variables, which `fit` does
+    only once per epoch), so keep `every_n_steps` in the tens or hundreds for
+    large models.
 
     Args:
         every_n_steps: integer >= 1. Defaults to `100`.
-        log_dir: `None` or a directory for TensorBoard event files (written
-            with `tf.summary`, so TensorFlow must be installed).
+        log_dir: `None` or a directory for TensorBoard event files. They are
+            written with `tf.summary`, so TensorFlow must be installed
+            (`pip install tensorflow`) on any Keras backend; without it the
+            constructor raises `ImportError`.
         layers: `None` (every variable) or a regular expression, or a list of
             them, searched in `variable.path`: the variables that get
             TensorBoard scalars.
@@ -118,6 +126,8 @@ class TrustRatioMonitor(keras.callbacks.Callback):
                 f"Argument `layers` contains an invalid regular expression "
                 f"({e}). Received: layers={layers!r}"
             ) from None
+        if log_dir is not None:
+            _require_tensorflow()
         self.every_n_steps = every_n_steps
         self.log_dir = log_dir
         self.layers = layers
@@ -125,6 +135,11 @@ class TrustRatioMonitor(keras.callbacks.Callback):
         self._optimizer = None
         self._last_step = None
         self._writer = None
+        # Host-side step counting: batches run in this `fit`, and the
+        # (batches, optimizer step) pair last read from the optimizer.
+        self._batches = 0
+        self._epoch_start = 0
+        self._known = (0, 0)
 
     @property
     def update_symbol(self):
@@ -139,14 +154,22 @@ class TrustRatioMonitor(keras.callbacks.Callback):
             import tensorflow as tf
 
             self._writer = tf.summary.create_file_writer(self.log_dir)
+        self._batches = self._epoch_start = 0
+        self._known = (0, self._step())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self._batches
 
     def on_train_batch_end(self, batch, logs=None):
+        # `batch` is the epoch's last step run (steps_per_execution > 1 skips
+        # the calls in between).
+        self._batches = self._epoch_start + batch + 1
+        if not self._due(self._max_step()):
+            return
+        self._sync_model_state()
         step = self._step()
-        # Integer division handles steps_per_execution > 1, which skips
-        # callback calls for the steps in between.
-        if self._last_step is None or (
-            step // self.every_n_steps > self._last_step // self.every_n_steps
-        ):
+        self._known = (self._batches, step)
+        if self._due(step):
             self._record(step)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -168,6 +191,33 @@ class TrustRatioMonitor(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.flush()
+
+    def _due(self, step):
+        """Whether optimizer step `step` is one to record."""
+        if step < 1:
+            return False
+        # Integer division: a call may cover several steps.
+        return self._last_step is None or (
+            step // self.every_n_steps > self._last_step // self.every_n_steps
+        )
+
+    def _max_step(self):
+        """An upper bound on `optimizer.iterations`, without reading it.
+
+        A batch advances the optimizer by at most one step, or with
+        `gradient_accumulation_steps=k` by one per k batches, counted from an
+        unknown phase; a `LossScaleOptimizer` may skip steps.
+        """
+        known_batches, known_step = self._known
+        accumulation = self._optimizer.gradient_accumulation_steps or 1
+        return known_step + math.ceil(
+            (self._batches - known_batches) / accumulation
+        )
+
+    def _sync_model_state(self):
+        # On JAX, `fit` keeps the state off the variables until the epoch
+        # ends; `Callback.model` re-attaches it (one assign per variable).
+        self.model
 
     def _step(self):
         return int(ops.convert_to_numpy(self._optimizer.iterations))
@@ -213,6 +263,18 @@ class TrustRatioMonitor(keras.callbacks.Callback):
                 _write_histogram(
                     "across_layers/log10_trust_ratio", np.log10(ratios)
                 )
+
+
+def _require_tensorflow():
+    try:
+        importlib.import_module("tensorflow")
+    except ImportError:
+        raise ImportError(
+            "TrustRatioMonitor(log_dir=...) writes TensorBoard summaries with "
+            "TensorFlow, which is not installed. Install it with `pip install "
+            "tensorflow` (or `pip install keras-lamb[tensorflow]`), or pass "
+            "`log_dir=None` to keep the statistics in `records` and History."
+        ) from None
 
 
 # `tf.summary.scalar`/`histogram` need the `tensorboard` package; the core op
