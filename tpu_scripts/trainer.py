@@ -352,7 +352,7 @@ class Trainer:
         return self._results(self.eval_metrics)
 
     def train(self, train_input, train_steps, eval_input=None,
-              eval_every_steps=0, checkpoint_every_steps=0):
+              eval_every_steps=0, checkpoint_every_steps=0, stop_fn=None):
         """Trains to `train_steps` global steps, resuming from `model_dir`.
 
         Args:
@@ -363,22 +363,29 @@ class Trainer:
             eval_every_steps: evaluate every this many steps (0: at the end).
             checkpoint_every_steps: save every this many steps (0: at each
                 evaluation and at the end).
+            stop_fn: optional callable, given the metrics of every
+                evaluation (the final one too); training stops (after a
+                checkpoint) when it returns True.
 
         Returns:
             A dict: `step`, `train` (last loop's metrics), `eval` (last
-            evaluation's metrics, if any), `train_seconds`, `images_per_second`
-            (over the steps run by this process).
+            evaluation's metrics, if any), `stopped_early` (by `stop_fn`),
+            `train_seconds`, `images_per_second` (over the steps run by this
+            process) and `steady_images_per_second` (the same without the
+            first loop, which traces and compiles; `None` after one loop).
         """
         steps_per_epoch = train_input.steps_per_epoch
         step = self.restore()
         start_step, start_time = step, time.time()
         train_results, eval_results = {}, {}
         boundaries = [b for b in (eval_every_steps, checkpoint_every_steps) if b]
-        while step < train_steps:
+        stopped, evaluated_at = False, None
+        steady_steps, steady_seconds, loops = 0, 0.0, 0
+        while step < train_steps and not stopped:
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
             iterator = iter(self._distribute(train_input, epoch, step_in_epoch))
             epoch_end = min((epoch + 1) * steps_per_epoch, train_steps)
-            while step < epoch_end:
+            while step < epoch_end and not stopped:
                 stop = min(epoch_end, step + self.steps_per_loop)
                 for every in boundaries:  # stop at the next eval / checkpoint
                     stop = min(stop, (step // every + 1) * every)
@@ -391,6 +398,10 @@ class Trainer:
                 images_per_second = (
                     (stop - step) * self.global_batch_size / seconds
                 )
+                loops += 1
+                if loops > 1:
+                    steady_steps += stop - step
+                    steady_seconds += seconds
                 step = stop
                 learning_rate = self.learning_rate()
                 self._log(
@@ -411,13 +422,17 @@ class Trainer:
                 )
                 if evaluate:
                     eval_results = self._evaluate_and_log(eval_input, step)
+                    evaluated_at = step
+                    stopped = bool(stop_fn and stop_fn(eval_results))
                 if (checkpoint_every_steps and step % checkpoint_every_steps
                         == 0) or (evaluate and not checkpoint_every_steps):
                     self.save()
         train_seconds = time.time() - start_time
         self.save()
-        if eval_input is not None:
+        if eval_input is not None and evaluated_at != step:
             eval_results = self._evaluate_and_log(eval_input, step)
+            if stop_fn:
+                stop_fn(eval_results)
         self._train_writer.flush()
         self._eval_writer.flush()
         steps_run = step - start_step
@@ -425,10 +440,15 @@ class Trainer:
             "step": step,
             "train": train_results,
             "eval": eval_results,
+            "stopped_early": stopped,
             "train_seconds": train_seconds,
             "images_per_second": (
                 steps_run * self.global_batch_size / train_seconds
                 if steps_run else 0.0
+            ),
+            "steady_images_per_second": (
+                steady_steps * self.global_batch_size / steady_seconds
+                if steady_steps else None
             ),
         }
 
