@@ -177,6 +177,9 @@ def decode_train(encoded, seed, image_size):
 
 def decode_eval(encoded, image_size):
     """JPEG bytes -> the normalised central crop (ratio 0.875)."""
+    # decode_jpeg also decodes PNG and GIF; training's decode_and_crop_jpeg
+    # does not. Both reject what is not a JPEG.
+    encoded = _checked(encoded, [(tf.io.is_jpeg(encoded), "not a JPEG")])
     image = data.center_crop(tf.io.decode_jpeg(encoded, channels=3),
                              image_size)
     return tf.ensure_shape(
@@ -297,7 +300,7 @@ class TFRecordInput(data.InputSpec):
                 label >= 1, label <= self.num_classes)),
              tf.strings.join([
                  where, f"{LABEL_KEY} ", tf.strings.as_string(label),
-                 f" is outside [1, {self.num_classes}] (the files' labels "
+                 f" is outside [1, {self.num_classes}] (labels in the files "
                  f"are 1-based; --num_classes={self.num_classes})."])),
         ])
         return encoded, tf.cast(label - 1, tf.int32)
