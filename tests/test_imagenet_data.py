@@ -305,8 +305,8 @@ def test_script_on_tfrecords_synthetic_data_and_target_accuracy(
         shards, tmp_path):
     """One process (each start costs ~5 s of imports): TFRecords on 2
     replicas into ram:// (gs://-style) with a target never reached; a bad
-    evaluation shard (an error, no hang); synthetic data with a target
-    reached at the first evaluation."""
+    training shard on 2 replicas (an error, no hang); synthetic data with a
+    target reached at the first evaluation."""
     bad = shard_with(tmp_path, imagenet_data.make_example(
         b"\xff\xd8\xff not a jpeg", 1, 8, 8))
     tfrecords = small_run(
@@ -317,9 +317,8 @@ def test_script_on_tfrecords_synthetic_data_and_target_accuracy(
         target_accuracy=1.0,  # 11 random labels of 32 classes: never
     )
     broken = small_run(
-        train_files=f"{shards}/train-*", eval_files=bad,
-        num_classes=NUM_CLASSES, num_cpu_devices=2, strategy="mirrored",
-        train_steps=3, model_dir=str(tmp_path / "broken"),
+        train_files=bad, num_classes=NUM_CLASSES, num_cpu_devices=2,
+        strategy="mirrored", train_steps=3, model_dir=tmp_path / "broken",
     )
     reached = small_run(
         synthetic_data=True, num_classes=2, num_train_examples=32,
@@ -348,10 +347,10 @@ def test_script_on_tfrecords_synthetic_data_and_target_accuracy(
     assert {"results.json", "checkpoint", "train", "eval"} <= ram, ram
     assert report["ram_results"]["top1"] == results["top1"]
     assert os.listdir(cwd) == []
-    # The bad evaluation shard: a clear error, raised (no hang).
+    # The bad training shard: a clear error, raised (no hang).
     assert report["error"] is not None and (
-        f"--eval_files: {bad}, record 2: image/encoded does not decode as a "
-        "JPEG" in report["error"])
+        f"--train_files: {bad}, record 2: image/encoded does not decode as "
+        "a JPEG" in report["error"])
     assert not (tmp_path / "broken" / "results.json").exists()
 
     # Synthetic: 4 steps per epoch; 2 classes, so top-1 > 0.01 at the first

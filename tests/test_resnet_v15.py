@@ -8,6 +8,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 pytest.importorskip("keras_hub")
+flags = pytest.importorskip("absl.flags")
 
 from keras_lamb import LARS, recipes  # noqa: E402
 from keras_lamb.trust_ratio import ExclusionRule  # noqa: E402
@@ -107,12 +108,19 @@ def test_mlperf_initialisation(v15):
     assert np.abs(kernel).max() <= 2 * np.sqrt(1 / fan_in) / 0.8796 + 1e-6
 
 
-def test_zero_init_residual_is_an_option(v15):
+def test_script_builds_v15_and_zero_init_residual_is_an_option(v15):
     last = re.compile(r"^stack\d+_block\d+_3_bn$")
     gammas = [keras.ops.convert_to_numpy(layer.gamma)
               for layer in v15.layers if last.match(layer.name)]
     assert len(gammas) == 16 and all(np.all(g == 1) for g in gammas)
-    small = models.resnet50((32, 32, 3), 10, zero_init_residual=True)
+    # The script's model function, --model=resnet50 --zero_init_residual.
+    from tpu_scripts import resnet_imagenet
+
+    values = flags.FlagValues()
+    resnet_imagenet.define_flags(values)
+    values(["script", "--zero_init_residual"])
+    small = resnet_imagenet.build_model_fn(values, (32, 32, 3), 10)()
+    assert small.name == "resnet50_v1_5" and small.output.shape[-1] == 10
     zeroed = [layer.name for layer in small.layers
               if getattr(layer, "gamma", None) is not None
               and not np.any(keras.ops.convert_to_numpy(layer.gamma))]

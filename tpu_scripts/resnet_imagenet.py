@@ -849,7 +849,7 @@ def _summary(results):
             else f"top-1 {results['top1']:.4f}")
     line = (f"{top1} after {results['steps']} steps "
             f"({results['epochs']:.2f} epochs), "
-            f"{results['images_per_second']:.0f} images/s")
+            f"{results['images_per_second']:.3g} images/s")
     if results["target_accuracy"]:
         reached = results["target_reached_at"]
         line += (f"; target {results['target_accuracy']} reached at epoch "
