@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
+flags = pytest.importorskip("absl.flags")
 
 from tpu_scripts import imagenet_data  # noqa: E402
 
@@ -210,7 +211,8 @@ def test_label_outside_1_to_num_classes(tmp_path, label):
     with pytest.raises(
             tf.errors.InvalidArgumentError,
             match=(f"{path}, record 0: image/class/label {label} is outside "
-                   rf"\[1, {NUM_CLASSES}\] \(labels in the files are 1-based")):
+                   rf"\[1, {NUM_CLASSES}\] \(labels in the files are "
+                   "1-based")):
         read_all(path, training=label != 0)
 
 
@@ -239,6 +241,41 @@ def test_wrong_evaluation_count(shards, count, message):
     evaluation = eval_input(f"{shards}/validation-*", num_examples=count)
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         list(evaluation(None))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--synthetic_data", "--train_files=x"], "--synthetic_data makes its "
+     "own data; drop --train_files and --eval_files"),
+    (["--eval_files=x"], "--eval_files needs --train_files"),
+    (["--num_eval_examples=-1"], "--num_eval_examples must be >= 0"),
+    (["--num_classes=0"], "--num_classes must be >= 1"),
+])
+def test_data_flags_that_disagree(argv, message):
+    resnet_imagenet = pytest.importorskip("tpu_scripts.resnet_imagenet")
+    values = flags.FlagValues()
+    resnet_imagenet.define_flags(values)
+    values(["script"] + argv)
+    with pytest.raises(ValueError, match=message):
+        resnet_imagenet.check_data_flags(values)
+
+
+@pytest.mark.parametrize("argv, has_eval, message", [
+    (["--target_accuracy=1.5"], True,
+     r"--target_accuracy must be in \[0, 1\]"),
+    (["--target_accuracy=0.7"], False, "--target_accuracy needs an "
+     "evaluation set: --eval_files"),
+    (["--epochs_between_evals=-4"], True, "--epochs_between_evals must be"),
+])
+def test_target_flags(argv, has_eval, message):
+    resnet_imagenet = pytest.importorskip("tpu_scripts.resnet_imagenet")
+    values = flags.FlagValues()
+    resnet_imagenet.define_flags(values)
+    values(["script"] + argv)
+    with pytest.raises(ValueError, match=message):
+        resnet_imagenet.check_target_flags(values, object() if has_eval
+                                           else None)
+    values(["script", "--eval_every=2"])  # the old name, an alias
+    assert values.epochs_between_evals == 2.0
 
 
 # ----------------------------------------------------------------------------
