@@ -106,7 +106,8 @@ def test_squad_logits_cover_the_features_of_every_worker():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--eval_every=-1"], "--eval_every must be >= 0"),
+    # --eval_every is an alias of --epochs_between_evals.
+    (["--eval_every=-1"], "--epochs_between_evals must be >= 0"),
     (["--checkpoint_every=-8"], "--checkpoint_every must be >= 0"),
     (["--checkpoint_every_minutes=-1"], "--checkpoint_every_minutes must"),
     (["--epochs=0"], "--epochs must be positive"),

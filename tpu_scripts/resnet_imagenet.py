@@ -1,12 +1,21 @@
 r"""Trains a ResNet with LARS, LAMB or SGD on any tf.distribute strategy.
 
-ResNet-50 on ImageNet on a TPU pod at batch 32k with the MLPerf LARS recipe:
+ResNet-50 v1.5 on ImageNet TFRecords (TPU / Model Garden layout) on a TPU pod
+at batch 32k with the MLPerf LARS recipe, stopping at 75.9 % top-1:
 
     python -m tpu_scripts.resnet_imagenet --strategy=tpu --tpu=my-tpu-pod \
-      --dataset=imagenet2012 --data_dir=gs://my-bucket/tfds \
+      --train_files='gs://my-bucket/imagenet/train-*' \
+      --eval_files='gs://my-bucket/imagenet/validation-*' \
+      --num_train_examples=1281167 --num_eval_examples=50000 \
       --model=resnet50 --optimizer=lars --recipe=mlperf \
       --global_batch_size=32768 --epochs=44 --mixed_precision=bfloat16 \
-      --steps_per_loop=100 --eval_every=4 --model_dir=gs://my-bucket/r50
+      --steps_per_loop=39 --epochs_between_evals=4 --target_accuracy=0.759 \
+      --model_dir=gs://my-bucket/r50
+
+Throughput with synthetic data made on the device:
+
+    python -m tpu_scripts.resnet_imagenet --synthetic_data \
+      --global_batch_size=256 --train_steps=200 --model_dir=/tmp/synthetic
 
 A small run on this machine (Fashion-MNIST IDX files, no network):
 
@@ -15,8 +24,9 @@ A small run on this machine (Fashion-MNIST IDX files, no network):
       --global_batch_size=512 --epochs=2 --model_dir=/tmp/fmnist
 
 The same training loop (`tpu_scripts.trainer.Trainer`) runs under every
-strategy; `results.json` in `--model_dir` records the final top-1, the steps,
-the wall time, images/s and every flag.
+strategy; `results.json` in `--model_dir` (local or gs://) records the final
+top-1, the steps, the wall time, images/s, when `--target_accuracy` was
+reached and every flag.
 """
 
 import os
@@ -99,6 +109,31 @@ def _define_flags(f):
         "backward pass (GPU/CPU; TPU always compiles).", **f)
     # Data.
     flags.DEFINE_string(
+        "train_files", "", "ImageNet TFRecords for training: comma-separated "
+        "globs (gs:// allowed) of shards in the TPU / Model Garden layout "
+        "(image/encoded JPEG, image/class/label **1-based**, 1..num_classes; "
+        "the labels are made 0-based). Takes the place of --dataset.", **f)
+    flags.DEFINE_string(
+        "eval_files", "", "ImageNet TFRecords for evaluation (globs, like "
+        "--train_files; empty: no evaluation).", **f)
+    flags.DEFINE_integer(
+        "num_train_examples", 0, "Records in --train_files (0: count them, "
+        "which reads every file once; ImageNet: 1281167). With "
+        "--synthetic_data: examples per epoch (0: 1281167).", **f)
+    flags.DEFINE_integer(
+        "num_eval_examples", 0, "Records in --eval_files (0: count them; "
+        "ImageNet: 50000); a wrong count stops the evaluation with an "
+        "error. With --synthetic_data: evaluation examples (0: no "
+        "evaluation).", **f)
+    flags.DEFINE_integer(
+        "num_classes", 1000, "Classes of --train_files and "
+        "--synthetic_data (the files' labels are 1..num_classes).", **f)
+    flags.DEFINE_boolean(
+        "synthetic_data", False, "Train on random images and labels made on "
+        "the device, with the shapes of ImageNet (--image_size, "
+        "--num_classes): the throughput mode. images/s goes to TensorBoard "
+        "and results.json.", **f)
+    flags.DEFINE_string(
         "dataset", "imagenet2012", "TFDS dataset name (imagenet2012, "
         "imagenette, cifar10, fashion_mnist, ...). fashion_mnist is read "
         "from IDX files when --data_dir (or /usr/share/datasets/"
@@ -112,14 +147,18 @@ def _define_flags(f):
         "dataset has one, else `test`).", **f)
     flags.DEFINE_integer(
         "image_size", 0, "Training and evaluation image size (0: 224 for "
-        "resnet50, the dataset's own size for small_resnet).", **f)
+        "resnet50, resnet50_v1, --train_files and --synthetic_data, else the "
+        "dataset's own size).", **f)
     flags.DEFINE_enum(
         "augmentation", "auto", AUGMENTATIONS,
-        "Training augmentation: imagenet (random-resized crop + flip; eval "
-        "resize + centre crop), pad_crop_flip (small images), none; auto "
-        "picks imagenet for images of 64 pixels or more.", **f)
+        "Training augmentation of TFDS and in-memory data: imagenet "
+        "(random-resized crop + flip; eval resize + centre crop), "
+        "pad_crop_flip (small images), none; auto picks imagenet for images "
+        "of 64 pixels or more. --train_files always use MLPerf's "
+        "preprocessing.", **f)
     flags.DEFINE_integer(
-        "shuffle_buffer", 10000, "Shuffle buffer of the TFDS pipeline.", **f)
+        "shuffle_buffer", 10000, "Shuffle buffer of the TFDS and TFRecord "
+        "pipelines (examples).", **f)
     flags.DEFINE_integer(
         "train_examples", 0, "Use only the first N training examples of "
         "an in-memory dataset (0: all). For quick runs and tests.", **f)
@@ -129,9 +168,14 @@ def _define_flags(f):
     # Model.
     flags.DEFINE_enum(
         "model", "resnet50", MODEL_NAMES,
-        "resnet50: ResNet-50 v1 from keras.applications (not the MLPerf "
-        "v1.5 variant); small_resnet: CIFAR-style ResNet of basic blocks.",
-        **f)
+        "resnet50: ResNet-50 v1.5 (MLPerf's; keras-hub ResNetBackbone, "
+        "stride 2 on the 3x3 convolutions); resnet50_v1: ResNet-50 v1 from "
+        "keras.applications (stride 2 on the 1x1 convolutions); "
+        "small_resnet: CIFAR-style ResNet of basic blocks.", **f)
+    flags.DEFINE_boolean(
+        "zero_init_residual", False, "resnet50, resnet50_v1: start the "
+        "gamma of each residual block's last batch norm at 0 (Goyal et al.; "
+        "not in MLPerf's reference). small_resnet always does.", **f)
     flags.DEFINE_list(
         "small_resnet_widths", ["16", "32", "64"],
         "Channels of each small_resnet stage.", **f)
@@ -157,8 +201,13 @@ def _define_flags(f):
         "steps_per_loop", 100, "Steps per compiled inner loop, and per "
         "progress line / TensorBoard summary.", **f)
     flags.DEFINE_float(
-        "eval_every", 0.0, "Evaluate (and checkpoint) every this many "
-        "epochs; 0: only at the end.", **f)
+        "epochs_between_evals", 0.0, "Evaluate (and checkpoint) every this "
+        "many epochs (MLPerf: 4); 0: only at the end.", **f)
+    flags.DEFINE_alias("eval_every", "epochs_between_evals", **f)
+    flags.DEFINE_float(
+        "target_accuracy", 0.0, "Stop training at the first evaluation "
+        "whose top-1 reaches this (MLPerf ResNet-50: 0.759); results.json "
+        "records the epoch, step and wall time. 0: train to the end.", **f)
     flags.DEFINE_integer(
         "checkpoint_every", 0, "Checkpoint every this many steps (0: every "
         "epoch), and at the end.", **f)
@@ -252,9 +301,17 @@ def _define_flags(f):
 
 
 def build_inputs(flags_, global_batch_size, eval_batch_size, log=print):
-    """`(train_input, eval_input, input_shape, num_classes)`."""
+    """`(train_input, eval_input, input_shape, num_classes)`; `eval_input`
+    is `None` when there is nothing to evaluate on."""
     from tpu_scripts import data
 
+    check_data_flags(flags_)
+    if flags_.synthetic_data:
+        return _synthetic_inputs(flags_, global_batch_size, eval_batch_size,
+                                 log)
+    if flags_.train_files:
+        return _tfrecord_inputs(flags_, global_batch_size, eval_batch_size,
+                                log)
     name = flags_.dataset
     if name == "fashion_mnist":
         data_dir = flags_.data_dir or data.SYSTEM_FASHION_MNIST_DIR
@@ -267,8 +324,8 @@ def build_inputs(flags_, global_batch_size, eval_batch_size, log=print):
         log(f"Data: no Fashion-MNIST IDX files in {data_dir}; loading "
             "fashion_mnist from TFDS (needs network or a prepared "
             "--data_dir; offline: `apt-get install dataset-fashion-mnist`).")
-    image_size = flags_.image_size or (224 if flags_.model == "resnet50"
-                                       else None)
+    image_size = flags_.image_size or (
+        224 if flags_.model in ("resnet50", "resnet50_v1") else None)
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=flags_.data_dir)
@@ -288,6 +345,75 @@ def build_inputs(flags_, global_batch_size, eval_batch_size, log=print):
                                 **common)
     shape = (image_size, image_size, train.channels)
     return train, evaluation, shape, train.num_classes
+
+
+def check_data_flags(flags_):
+    """Raises `ValueError` naming the flag when the data flags disagree."""
+    if flags_.synthetic_data and (flags_.train_files or flags_.eval_files):
+        raise ValueError("--synthetic_data makes its own data; drop "
+                         "--train_files and --eval_files.")
+    if flags_.eval_files and not flags_.train_files:
+        raise ValueError("--eval_files needs --train_files (TFDS data "
+                         "evaluates on --eval_split).")
+    for name in ("num_train_examples", "num_eval_examples", "image_size"):
+        if getattr(flags_, name) < 0:
+            raise ValueError(f"--{name} must be >= 0. Received: "
+                             f"{getattr(flags_, name)}.")
+    if flags_.num_classes < 1:
+        raise ValueError(f"--num_classes must be >= 1. Received: "
+                         f"{flags_.num_classes}.")
+
+
+def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
+    from tpu_scripts import imagenet_data
+
+    size = flags_.image_size or 224
+    common = dict(image_size=size, num_classes=flags_.num_classes,
+                  seed=flags_.seed)
+    if not flags_.num_train_examples:
+        log("Counting the records of --train_files (pass "
+            "--num_train_examples to skip this; ImageNet: 1281167).")
+    train = imagenet_data.TFRecordInput(
+        flags_.train_files, global_batch_size, True,
+        num_examples=flags_.num_train_examples,
+        shuffle_buffer=flags_.shuffle_buffer, **common,
+    )
+    evaluation = None
+    if flags_.eval_files:
+        evaluation = imagenet_data.TFRecordInput(
+            flags_.eval_files, eval_batch_size, False,
+            num_examples=flags_.num_eval_examples,
+            files_flag="--eval_files", count_flag="--num_eval_examples",
+            **common,
+        )
+    log(f"Data: ImageNet TFRecords, {train.num_examples} training examples "
+        f"in {len(train.files)} files"
+        + (f", {evaluation.num_examples} evaluation examples in "
+           f"{len(evaluation.files)} files" if evaluation else
+           ", no evaluation (no --eval_files)")
+        + f"; {size}x{size}, {flags_.num_classes} classes.")
+    return train, evaluation, (size, size, 3), flags_.num_classes
+
+
+def _synthetic_inputs(flags_, global_batch_size, eval_batch_size, log):
+    from tpu_scripts import imagenet_data
+
+    size = flags_.image_size or 224
+    common = dict(image_size=size, num_classes=flags_.num_classes,
+                  seed=flags_.seed)
+    train = imagenet_data.SyntheticInput(
+        flags_.num_train_examples or imagenet_data.IMAGENET_TRAIN_EXAMPLES,
+        global_batch_size, True, **common,
+    )
+    evaluation = None
+    if flags_.num_eval_examples:
+        evaluation = imagenet_data.SyntheticInput(
+            flags_.num_eval_examples, eval_batch_size, False, **common
+        )
+    log(f"Data: synthetic, made on the device: {size}x{size}x3 images, "
+        f"{flags_.num_classes} classes, {train.num_examples} examples per "
+        f"epoch, {flags_.num_eval_examples} evaluation examples.")
+    return train, evaluation, (size, size, 3), flags_.num_classes
 
 
 def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
@@ -314,8 +440,11 @@ def build_model_fn(flags_, input_shape, num_classes):
     from tpu_scripts import models
 
     def model_fn():
-        if flags_.model == "resnet50":
-            return models.resnet50(input_shape, num_classes)
+        if flags_.model in ("resnet50", "resnet50_v1"):
+            return models.build_model(
+                flags_.model, input_shape, num_classes,
+                zero_init_residual=flags_.zero_init_residual,
+            )
         return models.small_resnet(
             input_shape, num_classes,
             widths=[int(w) for w in flags_.small_resnet_widths],
@@ -559,7 +688,8 @@ def flag_values_dict(flags_):
 NOT_IDENTITY_FLAGS = (
     "strategy", "tpu", "num_cpu_devices", "collective", "jit_compile",
     "eval_split", "eval_batch_size", "eval_examples", "steps_per_loop",
-    "eval_every", "checkpoint_every", "checkpoint_every_minutes",
+    "eval_every", "epochs_between_evals", "checkpoint_every",
+    "checkpoint_every_minutes",
     "model_dir", "results_json", "deterministic", "track_trust_ratios",
     "allow_changed_flags",
 )
@@ -576,7 +706,7 @@ def validate_flags(flags_):
                              f"{getattr(flags_, name)!r}.")
 
     check("global_batch_size", flags_.global_batch_size > 0, "positive")
-    for name in ("eval_batch_size", "train_steps", "eval_every",
+    for name in ("eval_batch_size", "train_steps", "epochs_between_evals",
                  "checkpoint_every", "checkpoint_every_minutes",
                  "train_examples", "eval_examples", "image_size",
                  "num_cpu_devices", "warmup_epochs", "decay_power",
@@ -614,6 +744,74 @@ def results_path(flags_):
     )
 
 
+class EvaluationLog:
+    """The `stop_fn` of `Trainer.train`: records every evaluation and
+    whether (and when) top-1 first reached `target` (0: no target)."""
+
+    def __init__(self, target, global_step, steps_per_epoch, start_time):
+        self.target = target
+        self.global_step = global_step
+        self.steps_per_epoch = steps_per_epoch
+        self.start_time = start_time
+        self.evaluations = []
+        self.reached_at = None
+
+    def __call__(self, eval_results):
+        step = int(self.global_step.numpy())
+        record = dict(
+            step=step, epoch=step / self.steps_per_epoch,
+            wall_seconds=time.time() - self.start_time, **eval_results,
+        )
+        self.evaluations.append(record)
+        accuracy = eval_results.get("accuracy", 0.0)
+        if self.target and self.reached_at is None and accuracy >= self.target:
+            self.reached_at = record
+        return self.reached_at is not None
+
+    def results(self):
+        return dict(
+            target_accuracy=self.target or None,
+            target_reached=(self.reached_at is not None) if self.target
+            else None,
+            target_reached_at=self.reached_at,
+            evaluations=self.evaluations,
+        )
+
+
+def check_target_flags(flags_, eval_input):
+    if not 0.0 <= flags_.target_accuracy <= 1.0:
+        raise ValueError(
+            "--target_accuracy must be in [0, 1] (0: no target). Received: "
+            f"{flags_.target_accuracy}."
+        )
+    if flags_.target_accuracy and eval_input is None:
+        raise ValueError(
+            "--target_accuracy needs an evaluation set: --eval_files (or "
+            "--num_eval_examples with --synthetic_data)."
+        )
+    if flags_.epochs_between_evals < 0:
+        raise ValueError(
+            "--epochs_between_evals must be >= 0. Received: "
+            f"{flags_.epochs_between_evals}."
+        )
+
+
+def build_task(flags_, input_shape, num_classes, plan):
+    from tpu_scripts.trainer import ClassificationTask
+
+    task = ClassificationTask(
+        build_model_fn(flags_, input_shape, num_classes), num_classes,
+        label_smoothing=plan["label_smoothing"],
+        l2_weight_decay=plan["l2_in_loss"],
+        l2_exclude=flags_.exclude_from_weight_decay,
+    )
+    if flags_.synthetic_data:
+        from tpu_scripts.imagenet_data import SyntheticImagesTask
+
+        task = SyntheticImagesTask(task, input_shape[0], seed=flags_.seed)
+    return task
+
+
 def run(flags_, log=print):
     """Trains and evaluates as the flags say; returns the results dict."""
     import tensorflow as tf
@@ -630,7 +828,7 @@ def run(flags_, log=print):
     distribute.set_mixed_precision(flags_.mixed_precision)
     import keras
 
-    from tpu_scripts.trainer import ClassificationTask, Trainer
+    from tpu_scripts.trainer import Trainer
 
     keras.utils.set_random_seed(flags_.seed)
     is_chief = distribute.is_chief(strategy)
@@ -655,6 +853,7 @@ def run(flags_, log=print):
     train_input, eval_input, input_shape, num_classes = build_inputs(
         flags_, global_batch_size, eval_batch_size, log=log
     )
+    check_target_flags(flags_, eval_input)
     steps_per_epoch = train_input.steps_per_epoch
     train_steps = flags_.train_steps or max(
         1, int(round(flags_.epochs * steps_per_epoch))
@@ -663,49 +862,72 @@ def run(flags_, log=print):
     plan = optimizer_plan(flags_, steps_per_epoch, train_steps, track)
     settings = plan["settings"]
     log("Optimizer: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    task = ClassificationTask(
-        build_model_fn(flags_, input_shape, num_classes), num_classes,
-        label_smoothing=plan["label_smoothing"],
-        l2_weight_decay=plan["l2_in_loss"],
-        l2_exclude=flags_.exclude_from_weight_decay,
-    )
     trainer = Trainer(
-        strategy, task, plan["optimizer_fn"], global_batch_size,
+        strategy, build_task(flags_, input_shape, num_classes, plan),
+        plan["optimizer_fn"], global_batch_size,
         model_dir=flags_.model_dir, steps_per_loop=flags_.steps_per_loop,
         jit_compile=flags_.jit_compile, log=log,
     )
-    eval_every_steps = int(round(flags_.eval_every * steps_per_epoch))
+    evaluations = EvaluationLog(flags_.target_accuracy, trainer.global_step,
+                                steps_per_epoch, start)
+    eval_every_steps = 0
+    if flags_.epochs_between_evals:
+        eval_every_steps = max(
+            1, int(round(flags_.epochs_between_evals * steps_per_epoch)))
     outcome = trainer.train(
         train_input, train_steps, eval_input=eval_input,
         eval_every_steps=eval_every_steps,
         checkpoint_every_steps=flags_.checkpoint_every or steps_per_epoch,
         checkpoint_every_seconds=60 * flags_.checkpoint_every_minutes,
         on_checkpoint=record.checkpointed,
+        stop_fn=evaluations,
     )
     totals = record.totals(global_batch_size)
     results = {
         "top1": outcome["eval"].get("accuracy"),
         "eval_loss": outcome["eval"].get("loss"),
+        "eval_examples": eval_input.num_examples if eval_input else 0,
         "train": outcome["train"],
         "steps": outcome["step"],
         "epochs": outcome["step"] / steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
+        "train_steps": train_steps,
         "examples_seen": outcome["step"] * global_batch_size,
+        "stopped_early": outcome["stopped_early"],
+        **evaluations.results(),
         "wall_seconds": time.time() - start,
         # Over every segment of the run (restarts, preemptions).
         "train_seconds": totals["train_seconds"] if flags_.model_dir
         else outcome["train_seconds"],
         "images_per_second": totals["examples_per_second"]
         if flags_.model_dir else outcome["images_per_second"],
+        # This process, without its first (compiling) loop.
+        "steady_images_per_second": outcome["steady_images_per_second"],
         "num_replicas": strategy.num_replicas_in_sync,
+        "model": flags_.model,
+        "data": ("synthetic" if flags_.synthetic_data
+                 else "tfrecords" if flags_.train_files else flags_.dataset),
         "optimizer_settings": settings,
         "flags": flag_values_dict(flags_),
     }
     results = record.finish(results, outcome["step"])
-    log(f"top-1 {results['top1']:.4f} after {results['steps']} steps "
-        f"({results['epochs']:.2f} epochs), "
-        f"{results['images_per_second']:.0f} images/s.")
+    log(_summary(results) + ".")
     return results
+
+
+def _summary(results):
+    top1 = ("no evaluation" if results["top1"] is None
+            else f"top-1 {results['top1']:.4f}")
+    line = (f"{top1} after {results['steps']} steps "
+            f"({results['epochs']:.2f} epochs), "
+            f"{results['images_per_second']:.3g} images/s")
+    if results["target_accuracy"]:
+        reached = results["target_reached_at"]
+        line += (f"; target {results['target_accuracy']} reached at epoch "
+                 f"{reached['epoch']:.2f} (step {reached['step']}) after "
+                 f"{reached['wall_seconds']:.0f} s" if reached else
+                 f"; target {results['target_accuracy']} not reached")
+    return line
 
 
 def main(argv):

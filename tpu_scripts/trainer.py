@@ -437,7 +437,7 @@ class Trainer:
 
     def train(self, train_input, train_steps, eval_input=None,
               eval_every_steps=0, checkpoint_every_steps=0,
-              checkpoint_every_seconds=0, on_checkpoint=None):
+              checkpoint_every_seconds=0, on_checkpoint=None, stop_fn=None):
         """Trains to `train_steps` global steps, resuming from `model_dir`.
 
         Args:
@@ -453,6 +453,9 @@ class Trainer:
                 `MultiWorkerMirroredStrategy` the workers agree on it.
             on_checkpoint: called as `on_checkpoint(step, train_seconds)`
                 after every save (e.g. `run_state.RunRecord.checkpointed`).
+            stop_fn: optional callable, given the metrics of every
+                evaluation (the final one too); training stops (after a
+                checkpoint) when it returns True.
 
         On SIGTERM (with a `model_dir`) the run saves a checkpoint at the
         next loop boundary and raises `run_state.Preempted`; see
@@ -460,8 +463,10 @@ class Trainer:
 
         Returns:
             A dict: `step`, `train` (last loop's metrics), `eval` (last
-            evaluation's metrics, if any), `train_seconds`, `images_per_second`
-            (over the steps run by this process).
+            evaluation's metrics, if any), `stopped_early` (by `stop_fn`),
+            `train_seconds`, `images_per_second` (over the steps run by this
+            process) and `steady_images_per_second` (the same without the
+            first loop, which traces and compiles; `None` after one loop).
         """
         for name, value in (("eval_every_steps", eval_every_steps),
                             ("checkpoint_every_steps", checkpoint_every_steps),
@@ -478,26 +483,34 @@ class Trainer:
         self._segment_start = start_time
         train_results, eval_results = {}, {}
         boundaries = [b for b in (eval_every_steps, checkpoint_every_steps) if b]
+        stopped, evaluated_at = False, None
+        steady_steps, steady_seconds, loops = 0, 0.0, 0
         with _PreemptionWatcher(self) as watcher:
-            while step < train_steps:
+            while step < train_steps and not stopped:
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
                 iterator = iter(
                     self._distribute(train_input, epoch, step_in_epoch)
                 )
                 epoch_end = min((epoch + 1) * steps_per_epoch, train_steps)
-                while step < epoch_end:
+                while step < epoch_end and not stopped:
                     stop = min(epoch_end, step + self.steps_per_loop)
                     for every in boundaries:  # stop at the next eval / save
                         stop = min(stop, (step // every + 1) * every)
-                    train_results = self._run_loop(
+                    train_results, seconds = self._run_loop(
                         iterator, step, stop, train_steps, steps_per_epoch
                     )
+                    loops += 1
+                    if loops > 1:  # the first loop traces and compiles
+                        steady_steps += stop - step
+                        steady_seconds += seconds
                     step = stop
                     evaluate = eval_input is not None and eval_every_steps and (
                         step % eval_every_steps == 0 and step < train_steps
                     )
                     if evaluate:
                         eval_results = self._evaluate_and_log(eval_input, step)
+                        evaluated_at = step
+                        stopped = bool(stop_fn and stop_fn(eval_results))
                     if (checkpoint_every_steps and step % checkpoint_every_steps
                             == 0) or (evaluate and not checkpoint_every_steps):
                         self.save()
@@ -505,13 +518,15 @@ class Trainer:
                             time.time() - self._last_save
                             >= checkpoint_every_seconds):
                         self.save()
-                    if step < train_steps:
+                    if step < train_steps and not stopped:
                         watcher.stop_if_preempted(step)
         train_seconds = time.time() - start_time
         if self._saved_step != step:  # (rewriting a checkpoint can tear it)
             self.save()
-        if eval_input is not None:
+        if eval_input is not None and evaluated_at != step:
             eval_results = self._evaluate_and_log(eval_input, step)
+            if stop_fn:
+                stop_fn(eval_results)
         self._train_writer.flush()
         self._eval_writer.flush()
         steps_run = step - start_step
@@ -519,16 +534,21 @@ class Trainer:
             "step": step,
             "train": train_results,
             "eval": eval_results,
+            "stopped_early": stopped,
             "train_seconds": train_seconds,
             "images_per_second": (
                 steps_run * self.global_batch_size / train_seconds
                 if steps_run else 0.0
             ),
+            "steady_images_per_second": (
+                steady_steps * self.global_batch_size / steady_seconds
+                if steady_steps else None
+            ),
         }
 
     def _run_loop(self, iterator, step, stop, train_steps, steps_per_epoch):
         """Runs steps `step..stop`, logs and writes summaries; returns the
-        loop's metrics."""
+        loop's metrics and its seconds."""
         for m in self.train_metrics.values():
             m.reset_state()
         loop_start = time.time()
@@ -549,7 +569,7 @@ class Trainer:
             write_scalar("learning_rate", learning_rate, stop)
             write_scalar("images_per_second", images_per_second, stop)
             self._write_trust_ratios(stop)
-        return train_results
+        return train_results, seconds
 
     def _all_agree(self, flag):
         """`flag` on every worker if it is true on any (a time-based save is
