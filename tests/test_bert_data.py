@@ -1,5 +1,5 @@
 """BERT pre-training data: google-research/bert records, masking, seeds,
-errors (tpu_scripts.bert_data, tpu_scripts/create_pretraining_data.py)."""
+errors (tpu_scripts.bert.data, tpu_scripts/bert/create_pretraining_data.py)."""
 
 import os
 
@@ -10,7 +10,7 @@ tf = pytest.importorskip("tensorflow")
 pytest.importorskip("keras_hub")
 pytest.importorskip("tensorflow_text")
 
-from tpu_scripts import bert_data  # noqa: E402
+from tpu_scripts.bert import data as bert_data  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 CORPUS = os.path.join(FIXTURES, "tiny_corpus.txt")

@@ -1,6 +1,6 @@
 """BERT pre-training on the shared trainer: training, TensorBoard, resume,
 phase 2, gradient accumulation, 2-replica MirroredStrategy, recipes
-(tpu_scripts.bert_pretraining, tpu_scripts/bert_pretrain.py)."""
+(tpu_scripts/bert/pretrain.py)."""
 
 import glob
 import json
@@ -20,7 +20,9 @@ import keras  # noqa: E402
 from absl import flags  # noqa: E402
 
 from keras_lamb import recipes  # noqa: E402
-from tpu_scripts import bert_data, bert_models, bert_pretraining  # noqa: E402
+from tpu_scripts.bert import data as bert_data  # noqa: E402
+from tpu_scripts.bert import models as bert_models  # noqa: E402
+from tpu_scripts.bert import pretrain as bert_pretrain  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tpu_scripts need the TensorFlow backend",
@@ -63,7 +65,7 @@ def base_args(data):
 
 def make_flags(**args):
     fv = flags.FlagValues()
-    bert_pretraining.define_flags(fv)
+    bert_pretrain.define_flags(fv)
     fv(["bert_pretrain"] + [f"--{k}={v}" for k, v in args.items()
                             if v is not None])
     return fv
@@ -80,11 +82,11 @@ def weights(model):
 def initial_loss(data, args):
     """Mean loss of a freshly initialised model (same seed) on the data."""
     fv = make_flags(**args)
-    plan = bert_pretraining.plan_hyperparameters(fv)
-    model_fn, _ = bert_pretraining.build_model_fn(fv, plan)
+    plan = bert_pretrain.plan_hyperparameters(fv)
+    model_fn, _ = bert_pretrain.build_model_fn(fv, plan)
     keras.utils.set_random_seed(args["seed"])
     records = bert_data.load_records(args["input_files"], 64, 10)
-    task = bert_pretraining.BertPretrainingTask(model_fn)
+    task = bert_pretrain.BertPretrainingTask(model_fn)
     loss, _ = task.compute_loss(task.build_model(), records, training=False)
     return float(np.mean(loss))
 
@@ -94,7 +96,7 @@ def default_run(data):
     args = dict(base_args(data), save_checkpoints_steps=10,
                 model_dir=str(data["root"] / "default"),
                 eval_files=os.path.join(data["seq64"], "*.tfrecord"))
-    results = bert_pretraining.run(make_flags(**args), log=lambda *a, **k: 0)
+    results = bert_pretrain.run(make_flags(**args), log=lambda *a, **k: 0)
     return args, results
 
 
@@ -129,7 +131,7 @@ def test_resume_after_preemption_continues_exactly(data, default_run):
     tf.compat.v1.train.update_checkpoint_state(
         model_dir, os.path.join(model_dir, "ckpt-10"))
     lines = []
-    resumed = bert_pretraining.run(
+    resumed = bert_pretrain.run(
         make_flags(**dict(args, model_dir=model_dir, eval_files=None)),
         log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any(line.startswith("Restored") and "ckpt-10" in line
@@ -143,11 +145,11 @@ def test_resume_after_preemption_continues_exactly(data, default_run):
 def test_phase2_loads_phase1_and_changes_sequence_length(data, default_run):
     args, phase1 = default_run
     fv = make_flags(**base_args(data))
-    model_fn, _ = bert_pretraining.build_model_fn(
-        fv, bert_pretraining.plan_hyperparameters(fv))
+    model_fn, _ = bert_pretrain.build_model_fn(
+        fv, bert_pretrain.plan_hyperparameters(fv))
     model = model_fn()
     prefix = bert_models.load_pretrained_weights(model, args["model_dir"])
-    assert bert_pretraining.weight_norm(model) == pytest.approx(
+    assert bert_pretrain.weight_norm(model) == pytest.approx(
         phase1["weight_norm"], rel=1e-6)
     phase2 = dict(
         base_args(data), recipe="lamb_64k_32k", phase=2,
@@ -156,7 +158,7 @@ def test_phase2_loads_phase1_and_changes_sequence_length(data, default_run):
         learning_rate=None, warmup_steps=None,
         init_checkpoint=args["model_dir"],
         model_dir=str(data["root"] / "phase2"))
-    results = bert_pretraining.run(make_flags(**phase2),
+    results = bert_pretrain.run(make_flags(**phase2),
                                    log=lambda *a, **k: 0)
     plan = results["plan"]
     assert (plan["max_seq_length"], plan["max_predictions_per_seq"]) == (
@@ -178,7 +180,7 @@ def test_gradient_accumulation_equals_one_large_batch(data):
                   steps_per_loop=3, global_batch_size=8, in_memory=True)
     runs = {}
     for k in (1, 4):
-        loop, results = bert_pretraining.train(
+        loop, results = bert_pretrain.train(
             make_flags(**dict(common, gradient_accumulation_steps=k)),
             log=lambda *a, **kw: 0)
         assert results["optimizer_updates"] == 3
@@ -205,7 +207,7 @@ def test_mirrored_two_replicas_match_one_device(data, default_run):
                         num_cpu_devices=2))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, "-m", "tpu_scripts.bert_pretrain", *argv],
+        [sys.executable, "-m", "tpu_scripts.bert.pretrain", *argv],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mirrored = json.load(open(out / "results.json"))
@@ -224,7 +226,7 @@ def test_recipe_plans_and_overrides(data):
         unset = dict(learning_rate=None, warmup_steps=None, train_steps=None,
                      global_batch_size=None, max_seq_length=None,
                      max_predictions_per_seq=None)
-        return bert_pretraining.plan_hyperparameters(
+        return bert_pretrain.plan_hyperparameters(
             make_flags(**{**base_args(data), **unset, **args}))
 
     paper = plan(recipe="lamb_paper", global_batch_size=1024,
@@ -235,7 +237,7 @@ def test_recipe_plans_and_overrides(data):
     assert paper["warmup_steps"] == notes["warmup_steps"]
     assert paper["max_predictions_per_seq"] == 20
     # Without overrides the optimizer is the recipe's own.
-    ours = bert_pretraining.make_optimizer(paper)
+    ours = bert_pretrain.make_optimizer(paper)
     theirs, _, _ = recipes.lamb_bert(1024)
     assert ours.get_config() == theirs.get_config()
     nvidia1 = plan(recipe="nvidia", phase=1)

@@ -1,4 +1,4 @@
-"""The BERT scripts' command lines: `--help` of each, and
+"""The BERT scripts' command lines (tpu_scripts/bert/): `--help` of each, and
 create_pretraining_data.py run as a script."""
 
 import os
@@ -14,12 +14,12 @@ pytest.importorskip("tensorflow_text")
 from absl import app, flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = os.path.join(os.path.dirname(HERE), "tpu_scripts")
+SCRIPTS = os.path.join(os.path.dirname(HERE), "tpu_scripts", "bert")
 CORPUS = os.path.join(HERE, "fixtures", "tiny_corpus.txt")
 
 
 def run_script(name, argv, monkeypatch):
-    """Runs tpu_scripts/`name` as `__main__` in this process (absl's
+    """Runs tpu_scripts/bert/`name` as `__main__` in this process (absl's
     app.run included); returns the SystemExit code. The flags it defines
     are removed afterwards, so every script can run in the same process."""
     app.define_help_flags()  # once per process: keep them
@@ -39,15 +39,15 @@ def run_script(name, argv, monkeypatch):
     ("create_pretraining_data.py",
      ["--input_files", "--vocab_file", "--max_predictions_per_seq",
       "--dupe_factor", "--random_seed"]),
-    ("bert_pretrain.py",
+    ("pretrain.py",
      ["--strategy", "--tpu", "--input_files", "--bert_config",
       "--global_batch_size", "--gradient_accumulation_steps", "--recipe",
       "--phase", "--init_checkpoint", "--mixed_precision", "--model_dir",
       "--steps_per_loop", "--jit_compile"]),
-    ("run_squad.py",
+    ("finetune_squad.py",
      ["--strategy", "--train_file", "--predict_file", "--init_checkpoint",
       "--doc_stride", "--max_answer_length"]),
-    ("sweep_bert_batch.py",
+    ("sweep_batch_size.py",
      ["--text_file", "--batch_sizes", "--epochs", "--lamb_grid",
       "--tuned_exponents"]),
 ])

@@ -1,5 +1,5 @@
 """SQuAD v1.1: the official metric, features and answers, and the
-fine-tuning script end to end (tpu_scripts.bert_squad, run_squad.py)."""
+fine-tuning script end to end (tpu_scripts.bert.squad, tpu_scripts/bert/finetune_squad.py)."""
 
 import json
 import os
@@ -14,8 +14,10 @@ pytest.importorskip("tensorflow_text")
 import keras  # noqa: E402
 from absl import flags  # noqa: E402
 
-from tpu_scripts import bert_data, bert_models, bert_squad  # noqa: E402
-from tpu_scripts import run_squad  # noqa: E402
+from tpu_scripts.bert import data as bert_data  # noqa: E402
+from tpu_scripts.bert import finetune_squad  # noqa: E402
+from tpu_scripts.bert import models as bert_models  # noqa: E402
+from tpu_scripts.bert import squad as bert_squad  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tpu_scripts need the TensorFlow backend",
@@ -106,10 +108,10 @@ def test_features_map_answers_back_to_the_context(vocabulary):
         100.0)
 
 
-def test_run_squad_end_to_end(vocabulary, tmp_path):
+def test_finetune_squad_end_to_end(vocabulary, tmp_path):
     vocab_file = str(tmp_path / "vocab.txt")
     bert_data.write_vocabulary(vocabulary, vocab_file)
-    # A pre-training checkpoint as bert_pretrain.py writes one.
+    # A pre-training checkpoint as bert/pretrain.py writes one.
     config = bert_models.load_bert_config(
         NANO, vocabulary_size=len(vocabulary))
     pretrainer = bert_models.BertPretrainer(
@@ -117,16 +119,16 @@ def test_run_squad_end_to_end(vocabulary, tmp_path):
     prefix = tf.train.Checkpoint(model=pretrainer).save(
         str(tmp_path / "pretrained" / "ckpt"))
     fv = flags.FlagValues()
-    run_squad.define_flags(fv)
+    finetune_squad.define_flags(fv)
     model_dir = tmp_path / "squad"
-    fv(["run_squad", f"--train_file={SQUAD}", f"--predict_file={SQUAD}",
+    fv(["finetune_squad", f"--train_file={SQUAD}", f"--predict_file={SQUAD}",
         f"--vocab_file={vocab_file}", f"--bert_config={NANO}",
         f"--init_checkpoint={prefix}", "--max_seq_length=64",
         "--doc_stride=16", "--max_query_length=16", "--global_batch_size=4",
         "--train_steps=4", "--steps_per_loop=2", "--learning_rate=1e-3",
         f"--model_dir={model_dir}"])
     lines = []
-    results = run_squad.run(fv, log=lambda *a, **k: lines.append(a[0]))
+    results = finetune_squad.run(fv, log=lambda *a, **k: lines.append(a[0]))
     assert any(line.startswith("Encoder initialised from") for line in lines)
     assert results["count"] == 9 and results["missing"] == 0
     assert 0 <= results["exact_match"] <= results["f1"] <= 100

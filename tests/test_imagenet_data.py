@@ -17,7 +17,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 flags = pytest.importorskip("absl.flags")
 
-from tpu_scripts import imagenet_data  # noqa: E402
+from tpu_scripts.resnet import imagenet_tfrecords  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 400  # seconds for the subprocess; ~40 s on an idle machine
@@ -47,9 +47,9 @@ def random_images(count, seed):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("imagenet"))
-    imagenet_data.write_shards(path, "train", random_images(TRAIN, 0),
+    imagenet_tfrecords.write_shards(path, "train", random_images(TRAIN, 0),
                                np.arange(1, TRAIN + 1), 4)
-    imagenet_data.write_shards(path, "validation", random_images(EVAL, 1),
+    imagenet_tfrecords.write_shards(path, "validation", random_images(EVAL, 1),
                                np.arange(1, EVAL + 1), 2)
     return path
 
@@ -57,11 +57,11 @@ def shards(tmp_path_factory):
 def train_input(files, **kwargs):
     kwargs = dict(dict(image_size=32, num_classes=NUM_CLASSES, seed=3),
                   **kwargs)
-    return imagenet_data.TFRecordInput(files, 8, True, **kwargs)
+    return imagenet_tfrecords.TFRecordInput(files, 8, True, **kwargs)
 
 
 def eval_input(files, batch=4, **kwargs):
-    return imagenet_data.TFRecordInput(
+    return imagenet_tfrecords.TFRecordInput(
         files, batch, False, image_size=32, num_classes=NUM_CLASSES,
         files_flag="--eval_files", count_flag="--num_eval_examples", **kwargs)
 
@@ -118,16 +118,16 @@ def test_training_epochs_are_permutations_and_resume_exactly(shards):
 
 
 def test_synthetic_input_shapes_and_padding():
-    train = imagenet_data.SyntheticInput(64, 16, True, image_size=8,
+    train = imagenet_tfrecords.SyntheticInput(64, 16, True, image_size=8,
                                          num_classes=5)
     batches = list(train(FakeContext(1, 0, 2), epoch=1, start_step=1))
     assert len(batches) == (4 - 1) * 2
     indices, labels = batches[0]
     assert indices.shape == (8,) and int(indices[0]) == 64 + 16
     assert set(labels_of(batches)) <= set(range(5))
-    images = imagenet_data.synthetic_images(indices, 8)
+    images = imagenet_tfrecords.synthetic_images(indices, 8)
     assert images.shape == (8, 8, 8, 3)
-    evaluation = imagenet_data.SyntheticInput(20, 8, False, num_classes=5)
+    evaluation = imagenet_tfrecords.SyntheticInput(20, 8, False, num_classes=5)
     weights = np.concatenate([b[2].numpy() for b in evaluation(None)])
     assert len(weights) == 24 and weights.sum() == 20
 
@@ -149,7 +149,7 @@ def shard_with(tmp_path, bad, position=2, count=8):
     records = []
     for i, image in enumerate(random_images(count, 7)):
         jpeg = tf.io.encode_jpeg(image).numpy()
-        records.append(imagenet_data.make_example(
+        records.append(imagenet_tfrecords.make_example(
             jpeg, i % NUM_CLASSES + 1, *image.shape[:2]))
     records[position] = bad
     return write_records(str(tmp_path / "bad-00000-of-00001"), records)
@@ -186,7 +186,7 @@ def test_glob_that_matches_nothing(tmp_path, shards):
 @pytest.mark.parametrize("training", [True, False])
 def test_record_without_image_encoded(tmp_path, training):
     bad = without("image/encoded",
-                  imagenet_data.make_example(good_jpeg(), 1, 8, 8))
+                  imagenet_tfrecords.make_example(good_jpeg(), 1, 8, 8))
     path = shard_with(tmp_path, bad, position=5)
     flag = "--train_files" if training else "--eval_files"
     with pytest.raises(tf.errors.InvalidArgumentError,
@@ -196,7 +196,7 @@ def test_record_without_image_encoded(tmp_path, training):
 
 def test_record_without_label(tmp_path):
     bad = without("image/class/label",
-                  imagenet_data.make_example(good_jpeg(), 1, 8, 8))
+                  imagenet_tfrecords.make_example(good_jpeg(), 1, 8, 8))
     path = shard_with(tmp_path, bad, position=3)
     # (Training and evaluation parse records with the same function.)
     with pytest.raises(tf.errors.InvalidArgumentError,
@@ -206,7 +206,7 @@ def test_record_without_label(tmp_path):
 
 @pytest.mark.parametrize("label", [0, NUM_CLASSES + 1])
 def test_label_outside_1_to_num_classes(tmp_path, label):
-    bad = imagenet_data.make_example(good_jpeg(), label, 8, 8)
+    bad = imagenet_tfrecords.make_example(good_jpeg(), label, 8, 8)
     path = shard_with(tmp_path, bad, position=0)
     with pytest.raises(
             tf.errors.InvalidArgumentError,
@@ -224,7 +224,7 @@ def test_jpeg_that_does_not_decode(tmp_path, training, payload):
         "truncated": jpeg[: len(jpeg) // 2],  # a valid header
         "png": tf.io.encode_png(random_images(1, 2)[0]).numpy(),
     }[payload]
-    bad = imagenet_data.make_example(encoded, 1, 8, 8)
+    bad = imagenet_tfrecords.make_example(encoded, 1, 8, 8)
     path = shard_with(tmp_path, bad, position=7)
     flag = "--train_files" if training else "--eval_files"
     with pytest.raises(tf.errors.InvalidArgumentError,
@@ -251,12 +251,12 @@ def test_wrong_evaluation_count(shards, count, message):
     (["--num_classes=0"], "--num_classes must be >= 1"),
 ])
 def test_data_flags_that_disagree(argv, message):
-    resnet_imagenet = pytest.importorskip("tpu_scripts.resnet_imagenet")
+    resnet_train = pytest.importorskip("tpu_scripts.resnet.train")
     values = flags.FlagValues()
-    resnet_imagenet.define_flags(values)
+    resnet_train.define_flags(values)
     values(["script"] + argv)
     with pytest.raises(ValueError, match=message):
-        resnet_imagenet.check_data_flags(values)
+        resnet_train.check_data_flags(values)
 
 
 @pytest.mark.parametrize("argv, has_eval, message", [
@@ -267,12 +267,12 @@ def test_data_flags_that_disagree(argv, message):
     (["--epochs_between_evals=-4"], True, "--epochs_between_evals must be"),
 ])
 def test_target_flags(argv, has_eval, message):
-    resnet_imagenet = pytest.importorskip("tpu_scripts.resnet_imagenet")
+    resnet_train = pytest.importorskip("tpu_scripts.resnet.train")
     values = flags.FlagValues()
-    resnet_imagenet.define_flags(values)
+    resnet_train.define_flags(values)
     values(["script"] + argv)
     with pytest.raises(ValueError, match=message):
-        resnet_imagenet.check_target_flags(values, object() if has_eval
+        resnet_train.check_target_flags(values, object() if has_eval
                                            else None)
     values(["script", "--eval_every=2"])  # the old name, an alias
     assert values.epochs_between_evals == 2.0
@@ -281,21 +281,21 @@ def test_target_flags(argv, has_eval, message):
 # ----------------------------------------------------------------------------
 # The script, in subprocesses (each creates its own strategies)
 
-# Runs resnet_imagenet.run() for each argv list (JSON in argv[1]); then
+# Runs resnet_train.run() for each argv list (JSON in argv[1]); then
 # reports what the ram:// filesystem (in-process, a stand-in for gs://)
 # holds, and the error of a run expected to fail.
 RUNNER = """
 import json, sys
 import tensorflow as tf
 from absl import flags
-from tpu_scripts import resnet_imagenet
+from tpu_scripts.resnet import train as resnet_train
 report = {"results": [], "error": None, "ram": []}
 for argv in json.loads(sys.argv[1]):
     values = flags.FlagValues()
-    resnet_imagenet.define_flags(values)
-    values(["resnet_imagenet"] + argv)
+    resnet_train.define_flags(values)
+    values(["resnet_train"] + argv)
     try:
-        report["results"].append(resnet_imagenet.run(values))
+        report["results"].append(resnet_train.run(values))
     except tf.errors.InvalidArgumentError as e:
         report["error"] = e.message
     if not report["ram"] and tf.io.gfile.exists("ram://bucket/run"):
@@ -344,7 +344,7 @@ def test_script_on_tfrecords_synthetic_data_and_target_accuracy(
     replicas into ram:// (gs://-style) with a target never reached; a bad
     training shard on 2 replicas (an error, no hang); synthetic data with a
     target reached at the first evaluation."""
-    bad = shard_with(tmp_path, imagenet_data.make_example(
+    bad = shard_with(tmp_path, imagenet_tfrecords.make_example(
         b"\xff\xd8\xff not a jpeg", 1, 8, 8))
     tfrecords = small_run(
         train_files=f"{shards}/train-00000-of-00004,{shards}/train-0000[1-3]*",

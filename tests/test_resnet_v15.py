@@ -12,7 +12,7 @@ flags = pytest.importorskip("absl.flags")
 
 from keras_lamb import LARS, recipes  # noqa: E402
 from keras_lamb.trust_ratio import ExclusionRule  # noqa: E402
-from tpu_scripts import models  # noqa: E402
+from tpu_scripts.resnet import models  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +114,12 @@ def test_script_builds_v15_and_zero_init_residual_is_an_option(v15):
               for layer in v15.layers if last.match(layer.name)]
     assert len(gammas) == 16 and all(np.all(g == 1) for g in gammas)
     # The script's model function, --model=resnet50 --zero_init_residual.
-    from tpu_scripts import resnet_imagenet
+    from tpu_scripts.resnet import train as resnet_train
 
     values = flags.FlagValues()
-    resnet_imagenet.define_flags(values)
+    resnet_train.define_flags(values)
     values(["script", "--zero_init_residual"])
-    small = resnet_imagenet.build_model_fn(values, (32, 32, 3), 10)()
+    small = resnet_train.build_model_fn(values, (32, 32, 3), 10)()
     assert small.name == "resnet50_v1_5" and small.output.shape[-1] == 10
     zeroed = [layer.name for layer in small.layers
               if getattr(layer, "gamma", None) is not None

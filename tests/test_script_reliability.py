@@ -20,9 +20,16 @@ from absl import flags  # noqa: E402
 
 from test_tpu_distributed import (  # noqa: E402
     checkpoint_values, finish, free_ports, small_run_flags, start)
-from tpu_scripts import (bert_data, bert_models, bert_pretraining,  # noqa: E402
-                         bert_squad, data, resnet_imagenet, run_squad,
-                         run_state, sweep_bert_batch, sweep_batch_size)
+from tpu_scripts import run_state  # noqa: E402
+from tpu_scripts.bert import data as bert_data  # noqa: E402
+from tpu_scripts.bert import finetune_squad  # noqa: E402
+from tpu_scripts.bert import models as bert_models  # noqa: E402
+from tpu_scripts.bert import pretrain as bert_pretrain  # noqa: E402
+from tpu_scripts.bert import squad as bert_squad  # noqa: E402
+from tpu_scripts.bert import sweep_batch_size as bert_sweep  # noqa: E402
+from tpu_scripts.resnet import data  # noqa: E402
+from tpu_scripts.resnet import sweep_batch_size as resnet_sweep  # noqa: E402
+from tpu_scripts.resnet import train as resnet_train  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tpu_scripts need the TensorFlow backend",
@@ -30,7 +37,7 @@ if keras.backend.backend() != "tensorflow":
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SCRIPT = os.path.join(ROOT, "tpu_scripts", "resnet_imagenet.py")
+SCRIPT = os.path.join(ROOT, "tpu_scripts", "resnet", "train.py")
 CORPUS = os.path.join(HERE, "fixtures", "tiny_corpus.txt")
 SQUAD = os.path.join(HERE, "fixtures", "squad_tiny.json")
 NANO = os.path.join(HERE, "fixtures", "bert_nano.json")
@@ -63,7 +70,7 @@ def parse(module, argv):
 
 
 def resnet_flags(data_dir, **overrides):
-    return parse(resnet_imagenet, small_run_flags(data_dir, **overrides))
+    return parse(resnet_train, small_run_flags(data_dir, **overrides))
 
 
 # ----------------------------------------------------------------------------
@@ -72,7 +79,8 @@ def resnet_flags(data_dir, **overrides):
 SQUAD_WORKER = """
 import numpy as np
 import tensorflow as tf
-from tpu_scripts import bert_squad, distribute
+from tpu_scripts import distribute
+from tpu_scripts.bert import squad as bert_squad
 
 strategy = distribute.get_strategy("multi_worker_mirrored")
 ids = np.arange(1, 41, dtype=np.int32).reshape(10, 4)
@@ -118,19 +126,19 @@ def test_squad_logits_cover_the_features_of_every_worker():
 ])
 def test_resnet_flags_out_of_range_are_refused(argv, message):
     with pytest.raises(run_state.FlagError, match=message):
-        resnet_imagenet.validate_flags(parse(resnet_imagenet, argv))
+        resnet_train.validate_flags(parse(resnet_train, argv))
 
 
 @pytest.mark.parametrize("module, argv, message", [
-    (bert_pretraining, ["--input_files=x", "--save_checkpoints_steps=-1"],
+    (bert_pretrain, ["--input_files=x", "--save_checkpoints_steps=-1"],
      "--save_checkpoints_steps must be >= 0"),
-    (bert_pretraining, ["--input_files=x", "--eval_every_steps=-2"],
+    (bert_pretrain, ["--input_files=x", "--eval_every_steps=-2"],
      "--eval_every_steps must be >= 0"),
-    (bert_pretraining, ["--input_files=x", "--train_steps=-3"],
+    (bert_pretrain, ["--input_files=x", "--train_steps=-3"],
      "--train_steps must be >= 1"),
-    (run_squad, ["--vocab_file=v", "--num_train_epochs=0"],
+    (finetune_squad, ["--vocab_file=v", "--num_train_epochs=0"],
      "--num_train_epochs must be positive"),
-    (run_squad, ["--vocab_file=v", "--train_steps=-1"],
+    (finetune_squad, ["--vocab_file=v", "--train_steps=-1"],
      "--train_steps must be >= 0"),
 ])
 def test_bert_flags_out_of_range_are_refused(module, argv, message):
@@ -139,7 +147,7 @@ def test_bert_flags_out_of_range_are_refused(module, argv, message):
 
 
 def test_help_texts_print_no_doubled_percent_signs():
-    for module in (bert_pretraining, run_squad, resnet_imagenet):
+    for module in (bert_pretrain, finetune_squad, resnet_train):
         values = flags.FlagValues()
         module.define_flags(values)
         for name in values:
@@ -157,7 +165,7 @@ def test_resnet_restart_rerun_and_changed_flags(idx_dir):
     common = dict(train_steps=0, epochs=2, steps_per_loop=2,
                   model_dir=model_dir, track_trust_ratios=False)
     quiet = dict(log=lambda *a, **k: None)
-    first = resnet_imagenet.run(resnet_flags(idx_dir, **common), **quiet)
+    first = resnet_train.run(resnet_flags(idx_dir, **common), **quiet)
     assert first["steps"] == 8 and first["complete"]
     # 4 steps per epoch: the epoch checkpoint and the final one.
     names = tf.io.gfile.listdir(model_dir)
@@ -166,7 +174,7 @@ def test_resnet_restart_rerun_and_changed_flags(idx_dir):
     with tf.io.gfile.GFile(results) as f:
         saved = f.read()
     lines = []
-    again = resnet_imagenet.run(resnet_flags(idx_dir, **common),
+    again = resnet_train.run(resnet_flags(idx_dir, **common),
                                 log=lambda *a, **k: lines.append(a[0]))
     assert again == json.loads(saved)
     assert any("is complete (step 8)" in line for line in lines)
@@ -175,9 +183,9 @@ def test_resnet_restart_rerun_and_changed_flags(idx_dir):
     with pytest.raises(run_state.ChangedFlagsError, match=(
             r"(?s)--epochs: was 2.0, now 4.0.*--global_batch_size: was 16, "
             r"now 8.*--allow_changed_flags")):
-        resnet_imagenet.run(resnet_flags(
+        resnet_train.run(resnet_flags(
             idx_dir, **dict(common, epochs=4, global_batch_size=8)), **quiet)
-    extended = resnet_imagenet.run(resnet_flags(
+    extended = resnet_train.run(resnet_flags(
         idx_dir, **dict(common, epochs=3, allow_changed_flags=True)), **quiet)
     assert extended["steps"] == 12 and extended["epochs"] == 3.0
     assert extended["examples_seen"] == 12 * 16
@@ -204,7 +212,7 @@ def test_time_based_checkpoints_every_loop(idx_dir, tmp_path):
 
     run_state.RunRecord.checkpointed = spy
     try:
-        resnet_imagenet.run(resnet_flags_, log=lambda *a, **k: None)
+        resnet_train.run(resnet_flags_, log=lambda *a, **k: None)
     finally:
         run_state.RunRecord.checkpointed = record_checkpointed
     assert saves[:2] == [1, 2] and saves[-1] == 3
@@ -279,26 +287,26 @@ def bert_flags(records, **overrides):
         warmup_steps=1, learning_rate=1e-3, steps_per_loop=2,
         in_memory=True)
     args.update(overrides)
-    return parse(bert_pretraining, [f"--{k}={v}" for k, v in args.items()
+    return parse(bert_pretrain, [f"--{k}={v}" for k, v in args.items()
                                     if v is not None])
 
 
 def test_bert_rerun_changed_accumulation_and_init_checkpoint(records):
     model_dir = str(records["root"] / "run")
     quiet = dict(log=lambda *a, **k: None)
-    _, first = bert_pretraining.train(bert_flags(records,
+    _, first = bert_pretrain.train(bert_flags(records,
                                                  model_dir=model_dir), **quiet)
     assert first["optimizer_updates"] == 2 and first["complete"]
-    loop, again = bert_pretraining.train(
+    loop, again = bert_pretrain.train(
         bert_flags(records, model_dir=model_dir), **quiet)
     assert loop is None and again == first
     with pytest.raises(run_state.ChangedFlagsError,
                        match="--gradient_accumulation_steps: was None, now 2"):
-        bert_pretraining.train(bert_flags(
+        bert_pretrain.train(bert_flags(
             records, model_dir=model_dir, gradient_accumulation_steps=2),
             **quiet)
     with pytest.raises(run_state.FlagError, match="--init_checkpoint"):
-        bert_pretraining.train(bert_flags(
+        bert_pretrain.train(bert_flags(
             records, model_dir=model_dir, init_checkpoint=model_dir), **quiet)
 
 
@@ -307,7 +315,7 @@ def test_bert_records_checked_against_the_flags(records):
     with pytest.raises(run_state.FlagError, match=(
             "have 64 tokens and 10 masked positions; the run expects "
             "--max_seq_length=128 and --max_predictions_per_seq=20")):
-        bert_pretraining.train(bert_flags(
+        bert_pretrain.train(bert_flags(
             records, max_seq_length=128, max_predictions_per_seq=20),
             **quiet)
     # A vocabulary smaller than the ids in the records: a clear error
@@ -316,7 +324,7 @@ def test_bert_records_checked_against_the_flags(records):
         with pytest.raises(run_state.FlagError,
                            match=r"token id \d+, out of range for the "
                            r"model's vocabulary of 50 \(from --vocab_size"):
-            bert_pretraining.train(bert_flags(
+            bert_pretrain.train(bert_flags(
                 records, vocab_file=None, vocab_size=50,
                 in_memory=in_memory), **quiet)
 
@@ -359,13 +367,14 @@ def test_squad_with_an_unanswered_question_writes_predictions(tmp_path):
             "--max_seq_length=64", "--doc_stride=32", "--max_query_length=16",
             "--global_batch_size=4", "--train_steps=2", "--steps_per_loop=2",
             f"--model_dir={model_dir}"]
-    results = run_squad.run(parse(run_squad, argv), log=lambda *a, **k: 0)
+    results = finetune_squad.run(parse(finetune_squad, argv),
+                                 log=lambda *a, **k: 0)
     assert results["unanswered"] == 1 and results["count"] == 9
     predictions = json.load(open(os.path.join(model_dir, "predictions.json")))
     assert "no-answer" in predictions and len(predictions) == 10
     lines = []
-    again = run_squad.run(parse(run_squad, argv),
-                          log=lambda *a, **k: lines.append(a[0]))
+    again = finetune_squad.run(parse(finetune_squad, argv),
+                               log=lambda *a, **k: lines.append(a[0]))
     assert again == results and any("is complete" in x for x in lines)
     examples = [bert_squad.SquadExample("q", "?", "c", [], -1)]
     with pytest.raises(ValueError, match="No question with a ground-truth"):
@@ -392,11 +401,11 @@ def test_sweep_reruns_runs_whose_settings_changed():
     out = ram_dir("sweep")
 
     def sweep(epochs):
-        values = parse(sweep_batch_size, [
+        values = parse(resnet_sweep, [
             f"--data_dir={data_dir}", f"--output_dir={out}",
             "--batch_sizes=8,16", "--optimizers=lars", "--lr_multipliers=1,3",
             "--validation_examples=16", f"--epochs={epochs}"])
-        return sweep_batch_size.run_sweep(values, [], train=fake_train_one(
+        return resnet_sweep.run_sweep(values, [], train=fake_train_one(
             calls), log=lambda *a, **k: None)
 
     calls = []
@@ -420,26 +429,24 @@ def test_bert_sweep_runs_are_keyed_by_settings(monkeypatch):
         return dict(optimizer=optimizer, learning_rate=learning_rate,
                     batch_size=batch_size)
 
-    monkeypatch.setattr(sweep_bert_batch, "train_once", train_once)
+    monkeypatch.setattr(bert_sweep, "train_once", train_once)
     values = flags.FlagValues()
-    sweep_bert_batch.define_flags(values)
+    bert_sweep.define_flags(values)
     values(["sweep", "--text_file=ram://corpus.txt", "--epochs=1"])
     path = os.path.join(out, "runs.jsonl")
-    log = sweep_bert_batch.RunLog(path, sweep_bert_batch.run_settings(values))
+    log = bert_sweep.RunLog(path, bert_sweep.run_settings(values))
     log.get_or_run(values, None, "lamb", 1e-2, 32, None)
-    same = sweep_bert_batch.RunLog(path,
-                                   sweep_bert_batch.run_settings(values))
+    same = bert_sweep.RunLog(path, bert_sweep.run_settings(values))
     same.get_or_run(values, None, "lamb", 1e-2, 32, None)
     assert calls == [1.0]
     values.epochs = 2.0
-    other = sweep_bert_batch.RunLog(path,
-                                    sweep_bert_batch.run_settings(values))
+    other = bert_sweep.RunLog(path, bert_sweep.run_settings(values))
     other.get_or_run(values, None, "lamb", 1e-2, 32, None)
     assert calls == [1.0, 2.0] and len(other.all_runs) == 2
     # split_text through tf.io.gfile as well.
     text = ram_dir("text") + "/corpus.txt"
     run_state.write_text(text, open(CORPUS).read())
-    paths = sweep_bert_batch.split_text(text, ram_dir("work"), 0.2)
+    paths = bert_sweep.split_text(text, ram_dir("work"), 0.2)
     assert tf.io.gfile.exists(paths["train"])
 
 

@@ -9,7 +9,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from tpu_scripts import data  # noqa: E402
+from tpu_scripts.resnet import data  # noqa: E402
 
 
 class FakeContext:

@@ -40,7 +40,7 @@ def test_demo_prints_progress_and_table():
 
 
 def test_fashion_mnist_from_idx_files(tmp_path):
-    data = pytest.importorskip("tpu_scripts.data")
+    data = pytest.importorskip("tpu_scripts.resnet.data")
     rng = np.random.default_rng(0)
     data.write_fashion_mnist(
         str(tmp_path),

@@ -19,10 +19,10 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from tpu_scripts import data  # noqa: E402
+from tpu_scripts.resnet import data  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tpu_scripts", "resnet_imagenet.py")
+SCRIPT = os.path.join(ROOT, "tpu_scripts", "resnet", "train.py")
 TIMEOUT = 240  # seconds per process; the runs take ~10 s on an idle core
 
 # Mirrored vs one device: float32 sums in a different order (two half-batch
@@ -99,12 +99,12 @@ def checkpoint_values(model_dir):
 RUNNER = """
 import json, sys
 from absl import flags
-from tpu_scripts import resnet_imagenet
+from tpu_scripts.resnet import train as resnet_train
 for argv in json.loads(sys.argv[1]):
     values = flags.FlagValues()
-    resnet_imagenet.define_flags(values)
-    values(["resnet_imagenet"] + argv)
-    resnet_imagenet.run(values)
+    resnet_train.define_flags(values)
+    values(["resnet_train"] + argv)
+    resnet_train.run(values)
 """
 
 

@@ -17,12 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def resnet_imagenet():
+def resnet_train():
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         pytest.skip("the scripts run on the TensorFlow backend")
-    from tpu_scripts import resnet_imagenet
+    from tpu_scripts.resnet import train as resnet_train
 
-    return resnet_imagenet
+    return resnet_train
 
 
 def parse(module, argv):
@@ -38,11 +38,11 @@ def parse(module, argv):
     ("recipe", "bert", "none|mlperf|goyal|lamb_paper"),
     ("mixed_precision", "int8", "none|bfloat16|float16"),
 ])
-def test_unknown_choice_is_a_clear_error(resnet_imagenet, flag, value,
+def test_unknown_choice_is_a_clear_error(resnet_train, flag, value,
                                          choices):
     with pytest.raises(flags.IllegalFlagValueError,
                        match=f"--{flag}={value}.*{re.escape(choices)}"):
-        parse(resnet_imagenet, [f"--{flag}={value}"])
+        parse(resnet_train, [f"--{flag}={value}"])
 
 
 def test_strategy_and_batch_errors():
@@ -57,20 +57,20 @@ def test_strategy_and_batch_errors():
         distribute.set_mixed_precision("fp8")
 
 
-def test_recipe_must_fit_the_optimizer(resnet_imagenet):
-    values = parse(resnet_imagenet, ["--optimizer=lamb", "--recipe=mlperf"])
+def test_recipe_must_fit_the_optimizer(resnet_train):
+    values = parse(resnet_train, ["--optimizer=lamb", "--recipe=mlperf"])
     with pytest.raises(ValueError, match="--recipe=mlperf is defined for "
                        "--optimizer=lars, not --optimizer=lamb"):
-        resnet_imagenet.optimizer_plan(values, 100, 1000, False)
+        resnet_train.optimizer_plan(values, 100, 1000, False)
 
 
-def test_recipe_with_overrides(resnet_imagenet):
-    values = parse(resnet_imagenet, [
+def test_recipe_with_overrides(resnet_train):
+    values = parse(resnet_train, [
         "--optimizer=lars", "--recipe=mlperf", "--global_batch_size=32768",
         "--momentum=0.95", "--trust_coefficient=0.002",
         "--label_smoothing=0.0",
     ])
-    plan = resnet_imagenet.optimizer_plan(values, 39, 39 * 44, True)
+    plan = resnet_train.optimizer_plan(values, 39, 39 * 44, True)
     settings = plan["settings"]
     assert settings["peak_learning_rate"] == 31.2  # the MLPerf table at 32k
     assert settings["momentum"] == 0.95
@@ -81,35 +81,37 @@ def test_recipe_with_overrides(resnet_imagenet):
     assert optimizer.track_trust_ratios
 
 
-def test_goyal_recipe_puts_weight_decay_in_the_loss(resnet_imagenet):
-    values = parse(resnet_imagenet, [
+def test_goyal_recipe_puts_weight_decay_in_the_loss(resnet_train):
+    values = parse(resnet_train, [
         "--optimizer=nesterov", "--recipe=goyal", "--global_batch_size=8192",
     ])
-    plan = resnet_imagenet.optimizer_plan(values, 156, 156 * 90, False)
+    plan = resnet_train.optimizer_plan(values, 156, 156 * 90, False)
     assert plan["l2_in_loss"] == 1e-4
     assert plan["settings"]["peak_learning_rate"] == pytest.approx(3.2)
     optimizer = plan["optimizer_fn"]()
     assert optimizer.nesterov and not optimizer.weight_decay
 
 
-def test_recipe_none_defaults_and_scaling(resnet_imagenet):
-    values = parse(resnet_imagenet, ["--optimizer=lamb",
+def test_recipe_none_defaults_and_scaling(resnet_train):
+    values = parse(resnet_train, ["--optimizer=lamb",
                                      "--global_batch_size=1024"])
-    settings = resnet_imagenet.optimizer_plan(values, 10, 100, False)[
+    settings = resnet_train.optimizer_plan(values, 10, 100, False)[
         "settings"]
     assert settings["peak_learning_rate"] == pytest.approx(4e-3)  # sqrt
     assert settings["warmup_steps"] == 50 and settings["decay"] == "polynomial"
     namespace = types.SimpleNamespace(**{
-        name: values[name].value for name in resnet_imagenet.SCRIPT_FLAGS})
-    assert resnet_imagenet.flag_values_dict(namespace)["optimizer"] == "lamb"
+        name: values[name].value for name in resnet_train.SCRIPT_FLAGS})
+    assert resnet_train.flag_values_dict(namespace)["optimizer"] == "lamb"
 
 
-def run_help(script):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT,
+def run_help(path):
+    """`python tpu_scripts/<path> --help`, as a user runs a file: without
+    PYTHONPATH, so the script must make `tpu_scripts` importable itself."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
                KERAS_BACKEND="tensorflow")
+    env.pop("PYTHONPATH", None)
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tpu_scripts", script),
-         "--help"],
+        [sys.executable, os.path.join(ROOT, "tpu_scripts", path), "--help"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     # absl prints the help and exits with status 1.
@@ -118,7 +120,7 @@ def run_help(script):
     return result.stdout
 
 
-@pytest.mark.parametrize("script", ["resnet_imagenet", "sweep_batch_size",
+@pytest.mark.parametrize("script", ["resnet.train", "resnet.sweep_batch_size",
                                     "demo"])
 def test_help_lists_every_flag_with_its_help(script):
     import importlib
@@ -128,18 +130,104 @@ def test_help_lists_every_flag_with_its_help(script):
     module.define_flags(values)
     names = [n for n in values if values[n].help]
     assert len(names) == len(list(values))  # every flag has help text
-    text = " ".join(run_help(f"{script}.py").split())
+    text = " ".join(run_help(script.replace(".", "/") + ".py").split())
     for name in names:
         assert f"--{name}" in text or f"--[no]{name}" in text, name
         first_words = " ".join(values[name].help.split()[:4])
         assert first_words in text, (name, first_words)
 
 
-def test_adamw_excludes_weight_decay_by_path(resnet_imagenet):
+# Every entry point, and whether it trains (takes the distribution flags).
+ENTRY_POINTS = {
+    "tpu_scripts.demo": False,
+    "tpu_scripts.resnet.train": True,
+    "tpu_scripts.resnet.sweep_batch_size": False,
+    "tpu_scripts.bert.pretrain": True,
+    "tpu_scripts.bert.finetune_squad": True,
+    "tpu_scripts.bert.create_pretraining_data": False,
+    "tpu_scripts.bert.sweep_batch_size": False,
+}
+
+
+def skip_without_bert_extras(module):
+    if ".bert." in module:
+        pytest.importorskip("keras_hub")
+        pytest.importorskip("tensorflow_text")
+
+
+def run_module_help(module, monkeypatch, capsys):
+    """`python -m <module> --help`, in this process: runpy runs the module as
+    `__main__` as `-m` does; the flags it defines are removed afterwards."""
+    import runpy
+
+    from absl import app
+
+    app.define_help_flags()  # once per process: keep them
+    for name in ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL"):  # scripts set them
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    before = set(flags.FLAGS)
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        for flag in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, flag)
+        flags.FLAGS.unparse_flags()
+    assert exit_info.value.code in (0, 1)  # absl exits 1 after the usage
+    return capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules")  # imported
+@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+def test_every_entry_point_runs_as_a_module(module, monkeypatch, capsys):
+    skip_without_bert_extras(module)
+    usage = run_module_help(module, monkeypatch, capsys)
+    assert "Try --helpfull" in usage
+    for name in distribute.FLAG_NAMES:  # listed with the script's own flags
+        assert (f"--{name}" in usage or f"--[no]{name}" in usage) == (
+            ENTRY_POINTS[module]), (module, name)
+
+
+def test_distribution_flags_are_defined_once():
+    pattern = re.compile(r"DEFINE_\w+\(\s*[\"'](" + "|".join(
+        distribute.FLAG_NAMES) + r")[\"']")
+    defining = set()
+    for folder, _, files in os.walk(os.path.join(ROOT, "tpu_scripts")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                if pattern.search(open(path).read()):
+                    defining.add(os.path.relpath(path, ROOT))
+    assert defining == {os.path.join("tpu_scripts", "distribute.py")}
+
+
+@pytest.mark.parametrize("module", sorted(
+    m for m, trains in ENTRY_POINTS.items() if trains))
+def test_training_scripts_take_the_shared_distribution_flags(module):
+    import importlib
+
+    skip_without_bert_extras(module)
+    shared = flags.FlagValues()
+    distribute.define_flags(shared)
+    values = flags.FlagValues()
+    importlib.import_module(module).define_flags(values)
+    for name in distribute.FLAG_NAMES:
+        ours, theirs = values[name], shared[name]
+        assert (type(ours), ours.default, ours.help) == (
+            type(theirs), theirs.default, theirs.help), name
+        assert getattr(ours.parser, "enum_values", None) == getattr(
+            theirs.parser, "enum_values", None), name
+
+
+def test_adamw_excludes_weight_decay_by_path(resnet_train):
     import keras
     import numpy as np
 
-    from tpu_scripts.models import small_resnet
+    from tpu_scripts.resnet.models import small_resnet
     from tpu_scripts.optimizers import make_optimizer
 
     model = small_resnet((8, 8, 1), 10, widths=(4,), blocks_per_stage=1)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tpu_scripts import sweep_batch_size as sweep
+from tpu_scripts.resnet import sweep_batch_size as sweep
 
 
 def fake_runs():
@@ -41,10 +41,10 @@ def test_best_by_validation_then_table_and_plot(tmp_path):
                          ("momentum", 8192)}
     assert all(float(r["lr_multiplier"]) == 1.0 for r in best.values())
     table = sweep.write_tables(best, str(tmp_path), "protocol text",
-                               "python tpu_scripts/sweep_batch_size.py", 60,
+                               "python tpu_scripts/resnet/sweep_batch_size.py", 60,
                                multipliers=[0.3333, 1.0, 3.0])
     assert "| 128 | 468 | 79.00 (1.25) | 79.00 (0.05) |" in table
-    assert "python tpu_scripts/sweep_batch_size.py" in table
+    assert "python tpu_scripts/resnet/sweep_batch_size.py" in table
     assert (tmp_path / "table.csv").read_text().count("\n") == 5
     best[("lars", 128)]["lr_multiplier"] = "3.0"  # the grid's top end
     table = sweep.write_tables(best, str(tmp_path), "", "", 60,

@@ -112,7 +112,7 @@ def load_fashion_mnist(data_dir=None):
     """Fashion-MNIST from IDX files, else TFDS; a clear error when neither
     is available. Returns flattened float32 images in [0, 1]."""
     directory = data_dir or SYSTEM_FASHION_MNIST_DIR
-    from tpu_scripts import data  # IDX reader (numpy only for these calls)
+    from tpu_scripts.resnet import data  # the IDX reader
 
     if data.has_fashion_mnist(directory):
         train = data.load_fashion_mnist(directory, "train")

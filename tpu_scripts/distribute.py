@@ -13,6 +13,10 @@
 
 The command line gives the *global* batch size; `per_replica_batch_size`
 derives each replica's share from `strategy.num_replicas_in_sync`.
+
+`define_flags` defines the flags that pick and shape the strategy
+(`--strategy`, `--tpu`, `--num_cpu_devices`, `--collective`,
+`--mixed_precision`, `--jit_compile`) once, for every script that trains.
 """
 
 import json
@@ -31,6 +35,47 @@ STRATEGY_NAMES = (
     "default",
 )
 MIXED_PRECISION_NAMES = ("none", "bfloat16", "float16")
+COLLECTIVE_NAMES = ("auto", "ring", "nccl")
+FLAG_NAMES = ("strategy", "tpu", "num_cpu_devices", "collective",
+              "mixed_precision", "jit_compile")
+
+
+def define_flags(flag_values=None):
+    """Defines the distribution flags (`FLAG_NAMES`) on `flag_values`
+    (default: absl's global `FLAGS`).
+
+    The flags count as defined by the calling script (absl's key flags), so
+    its `--help` lists them with its own flags.
+    """
+    from absl import flags
+
+    flags.disclaim_key_flags()  # attribute the flags below to our caller
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    f = dict(flag_values=flag_values)
+    flags.DEFINE_enum(
+        "strategy", "default", STRATEGY_NAMES,
+        "tf.distribute strategy: tpu (TPUStrategy on --tpu), mirrored (all "
+        "local GPUs, else all logical CPUs), multi_worker_mirrored (cluster "
+        "from TF_CONFIG), one_device (first GPU, else CPU), default.", **f)
+    flags.DEFINE_string(
+        "tpu", "", "TPUClusterResolver name or grpc:// address of the TPU "
+        "(`local` on a TPU VM; empty: the TPU_NAME environment variable).",
+        **f)
+    flags.DEFINE_integer(
+        "num_cpu_devices", 0, "Split the host CPU into this many logical "
+        "devices before creating the strategy (runs multi-replica "
+        "`mirrored` on a CPU-only machine). 0 or 1: no split.", **f)
+    flags.DEFINE_enum(
+        "collective", "auto", COLLECTIVE_NAMES,
+        "All-reduce implementation of multi_worker_mirrored.", **f)
+    flags.DEFINE_enum(
+        "mixed_precision", "none", MIXED_PRECISION_NAMES,
+        "Mixed precision policy: bfloat16 (TPU), float16 (GPU; the "
+        "optimizer is wrapped in keras.optimizers.LossScaleOptimizer) or "
+        "none (float32).", **f)
+    flags.DEFINE_boolean(
+        "jit_compile", False, "XLA-compile each replica's forward and "
+        "backward pass (GPU/CPU; TPU always compiles).", **f)
 
 
 def check_choice(flag, value, choices):
@@ -95,7 +140,7 @@ def get_strategy(name, tpu="", collective="auto"):
             "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
             "ring": tf.distribute.experimental.CommunicationImplementation.RING,
             "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
-        }[check_choice("collective", collective, ("auto", "ring", "nccl"))]
+        }[check_choice("collective", collective, COLLECTIVE_NAMES)]
         return tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=tf.distribute.experimental.CommunicationOptions(
                 implementation=implementation

@@ -442,7 +442,7 @@ class Trainer:
 
         Args:
             train_input: input function `(ctx, epoch, start_step)` with a
-                `steps_per_epoch` attribute (see `tpu_scripts.data`).
+                `steps_per_epoch` attribute (see `tpu_scripts.resnet.data`).
             train_steps: the total number of steps of the run.
             eval_input: optional evaluation input function.
             eval_every_steps: evaluate every this many steps (0: at the end).

@@ -8,14 +8,14 @@ plain text works; its paragraphs become the documents).
 
 Phase-1 data (sequence 128) with a vocabulary learnt from the corpus:
 
-    python -m tpu_scripts.create_pretraining_data \
+    python -m tpu_scripts.bert.create_pretraining_data \
       --input_files='corpus/*.txt' --output_dir=/tmp/bert/seq128 \
       --vocab_size=30522 --max_seq_length=128 --max_predictions_per_seq=20 \
       --dupe_factor=5 --num_shards=64
 
 Phase-2 data (sequence 512) with the same vocabulary:
 
-    python -m tpu_scripts.create_pretraining_data \
+    python -m tpu_scripts.bert.create_pretraining_data \
       --input_files='corpus/*.txt' --output_dir=/tmp/bert/seq512 \
       --vocab_file=/tmp/bert/seq128/vocab.txt --max_seq_length=512 \
       --max_predictions_per_seq=80 --dupe_factor=5 --num_shards=64
@@ -25,16 +25,15 @@ be empty unless `--overwrite` (then the old shards are removed as the new
 ones appear, so a glob never mixes two datasets). The files appear together
 when the run succeeds (temporary files are renamed at the
 end) and not at all when it fails. The same inputs and `--random_seed` give
-byte-identical files. The logic lives in `tpu_scripts.bert_data`.
+byte-identical files. The logic lives in `tpu_scripts.bert.data`.
 """
 
 import os
 import sys
 
 if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
-    sys.path.insert(
-        0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
+    sys.path.insert(0, os.path.abspath(
+        os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
@@ -87,7 +86,8 @@ def main(argv):
     f = flags.FLAGS
     if not f.input_files or not f.output_dir:
         raise app.UsageError("--input_files and --output_dir are required.")
-    from tpu_scripts import bert_data, run_state
+    from tpu_scripts import run_state
+    from tpu_scripts.bert import data as bert_data
 
     run_state.exit_on_flag_error(
         bert_data.create_pretraining_data,

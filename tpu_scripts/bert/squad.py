@@ -24,7 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tpu_scripts import bert_data, trainer
+from tpu_scripts import trainer
+from tpu_scripts.bert import data as bert_data
 
 SquadExample = collections.namedtuple(
     "SquadExample", ["qas_id", "question", "context", "answers",

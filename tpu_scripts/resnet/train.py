@@ -3,7 +3,7 @@ r"""Trains a ResNet with LARS, LAMB or SGD on any tf.distribute strategy.
 ResNet-50 v1.5 on ImageNet TFRecords (TPU / Model Garden layout) on a TPU pod
 at batch 32k with the MLPerf LARS recipe, stopping at 75.9 % top-1:
 
-    python -m tpu_scripts.resnet_imagenet --strategy=tpu --tpu=my-tpu-pod \
+    python -m tpu_scripts.resnet.train --strategy=tpu --tpu=my-tpu-pod \
       --train_files='gs://my-bucket/imagenet/train-*' \
       --eval_files='gs://my-bucket/imagenet/validation-*' \
       --num_train_examples=1281167 --num_eval_examples=50000 \
@@ -14,12 +14,12 @@ at batch 32k with the MLPerf LARS recipe, stopping at 75.9 % top-1:
 
 Throughput with synthetic data made on the device:
 
-    python -m tpu_scripts.resnet_imagenet --synthetic_data \
+    python -m tpu_scripts.resnet.train --synthetic_data \
       --global_batch_size=256 --train_steps=200 --model_dir=/tmp/synthetic
 
 A small run on this machine (Fashion-MNIST IDX files, no network):
 
-    python tpu_scripts/resnet_imagenet.py --dataset=fashion_mnist \
+    python tpu_scripts/resnet/train.py --dataset=fashion_mnist \
       --data_dir=/usr/share/datasets/fashion-mnist --model=small_resnet \
       --global_batch_size=512 --epochs=2 --model_dir=/tmp/fmnist
 
@@ -34,9 +34,8 @@ import sys
 import time
 
 if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
-    sys.path.insert(
-        0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
+    sys.path.insert(0, os.path.abspath(
+        os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 if __name__ == "__main__":  # a script needs TensorFlow (tf.distribute)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -44,9 +43,9 @@ if __name__ == "__main__":  # a script needs TensorFlow (tf.distribute)
 from absl import app, flags, logging  # noqa: E402
 
 from tpu_scripts import distribute  # noqa: E402
-from tpu_scripts.data import AUGMENTATIONS  # noqa: E402
+from tpu_scripts.resnet.data import AUGMENTATIONS  # noqa: E402
 from keras_lamb.recipes import RESNET_EXCLUDE  # noqa: E402
-from tpu_scripts.models import MODEL_NAMES  # noqa: E402
+from tpu_scripts.resnet.models import MODEL_NAMES  # noqa: E402
 from tpu_scripts.optimizers import (  # noqa: E402
     DECAY_NAMES,
     OPTIMIZER_NAMES,
@@ -82,31 +81,7 @@ def define_flags(flag_values=flags.FLAGS):
 
 
 def _define_flags(f):
-    # Distribution.
-    flags.DEFINE_enum(
-        "strategy", "default", distribute.STRATEGY_NAMES,
-        "tf.distribute strategy: tpu (TPUStrategy on --tpu), mirrored (all "
-        "local GPUs, else all logical CPUs), multi_worker_mirrored (cluster "
-        "from TF_CONFIG), one_device (first GPU, else CPU), default.", **f)
-    flags.DEFINE_string(
-        "tpu", "", "TPUClusterResolver name or grpc:// address of the TPU "
-        "(`local` on a TPU VM; empty: the TPU_NAME environment variable).",
-        **f)
-    flags.DEFINE_integer(
-        "num_cpu_devices", 0, "Split the host CPU into this many logical "
-        "devices before creating the strategy (runs multi-replica "
-        "`mirrored` on a CPU-only machine). 0 or 1: no split.", **f)
-    flags.DEFINE_enum(
-        "collective", "auto", ["auto", "ring", "nccl"],
-        "All-reduce implementation of multi_worker_mirrored.", **f)
-    flags.DEFINE_enum(
-        "mixed_precision", "none", distribute.MIXED_PRECISION_NAMES,
-        "Mixed precision policy: bfloat16 (TPU), float16 (GPU; the "
-        "optimizer is wrapped in keras.optimizers.LossScaleOptimizer) or "
-        "none (float32).", **f)
-    flags.DEFINE_boolean(
-        "jit_compile", False, "XLA-compile each replica's forward and "
-        "backward pass (GPU/CPU; TPU always compiles).", **f)
+    distribute.define_flags(f["flag_values"])
     # Data.
     flags.DEFINE_string(
         "train_files", "", "ImageNet TFRecords for training: comma-separated "
@@ -303,7 +278,7 @@ def _define_flags(f):
 def build_inputs(flags_, global_batch_size, eval_batch_size, log=print):
     """`(train_input, eval_input, input_shape, num_classes)`; `eval_input`
     is `None` when there is nothing to evaluate on."""
-    from tpu_scripts import data
+    from tpu_scripts.resnet import data
 
     check_data_flags(flags_)
     if flags_.synthetic_data:
@@ -365,7 +340,7 @@ def check_data_flags(flags_):
 
 
 def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
-    from tpu_scripts import imagenet_data
+    from tpu_scripts.resnet import imagenet_tfrecords
 
     size = flags_.image_size or 224
     common = dict(image_size=size, num_classes=flags_.num_classes,
@@ -373,14 +348,14 @@ def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
     if not flags_.num_train_examples:
         log("Counting the records of --train_files (pass "
             "--num_train_examples to skip this; ImageNet: 1281167).")
-    train = imagenet_data.TFRecordInput(
+    train = imagenet_tfrecords.TFRecordInput(
         flags_.train_files, global_batch_size, True,
         num_examples=flags_.num_train_examples,
         shuffle_buffer=flags_.shuffle_buffer, **common,
     )
     evaluation = None
     if flags_.eval_files:
-        evaluation = imagenet_data.TFRecordInput(
+        evaluation = imagenet_tfrecords.TFRecordInput(
             flags_.eval_files, eval_batch_size, False,
             num_examples=flags_.num_eval_examples,
             files_flag="--eval_files", count_flag="--num_eval_examples",
@@ -396,18 +371,19 @@ def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
 
 
 def _synthetic_inputs(flags_, global_batch_size, eval_batch_size, log):
-    from tpu_scripts import imagenet_data
+    from tpu_scripts.resnet import imagenet_tfrecords
 
     size = flags_.image_size or 224
     common = dict(image_size=size, num_classes=flags_.num_classes,
                   seed=flags_.seed)
-    train = imagenet_data.SyntheticInput(
-        flags_.num_train_examples or imagenet_data.IMAGENET_TRAIN_EXAMPLES,
+    train = imagenet_tfrecords.SyntheticInput(
+        flags_.num_train_examples
+        or imagenet_tfrecords.IMAGENET_TRAIN_EXAMPLES,
         global_batch_size, True, **common,
     )
     evaluation = None
     if flags_.num_eval_examples:
-        evaluation = imagenet_data.SyntheticInput(
+        evaluation = imagenet_tfrecords.SyntheticInput(
             flags_.num_eval_examples, eval_batch_size, False, **common
         )
     log(f"Data: synthetic, made on the device: {size}x{size}x3 images, "
@@ -417,7 +393,7 @@ def _synthetic_inputs(flags_, global_batch_size, eval_batch_size, log):
 
 
 def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
-    from tpu_scripts import data
+    from tpu_scripts.resnet import data
 
     (train_x, train_y), (test_x, test_y) = train, test
     if flags_.train_examples:
@@ -437,7 +413,7 @@ def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
 
 
 def build_model_fn(flags_, input_shape, num_classes):
-    from tpu_scripts import models
+    from tpu_scripts.resnet import models
 
     def model_fn():
         if flags_.model in ("resnet50", "resnet50_v1"):
@@ -806,7 +782,7 @@ def build_task(flags_, input_shape, num_classes, plan):
         l2_exclude=flags_.exclude_from_weight_decay,
     )
     if flags_.synthetic_data:
-        from tpu_scripts.imagenet_data import SyntheticImagesTask
+        from tpu_scripts.resnet.imagenet_tfrecords import SyntheticImagesTask
 
         task = SyntheticImagesTask(task, input_shape[0], seed=flags_.seed)
     return task

@@ -1,7 +1,35 @@
-"""BERT pre-training (masked LM + next sentence) on the shared trainer.
+r"""Pre-trains BERT (masked LM + next sentence) with LAMB on any strategy.
 
-`run(flags_)` is what `bert_pretrain.py` runs; it takes the script's flags
-(or any object with the same attributes). The pieces:
+The LAMB paper's BERT-Large run on a TPU pod, phase 1 (batch 65,536, sequence
+128) and phase 2 (batch 32,768, sequence 512, re-warmed from phase 1):
+
+    python -m tpu_scripts.bert.pretrain --strategy=tpu --tpu=my-pod \
+      --input_files='gs://my-bucket/bert/seq128/*.tfrecord' \
+      --vocab_file=gs://my-bucket/bert/vocab.txt --bert_config=large \
+      --recipe=lamb_64k_32k --phase=1 --mixed_precision=bfloat16 \
+      --steps_per_loop=200 --model_dir=gs://my-bucket/bert/phase1
+    python -m tpu_scripts.bert.pretrain --strategy=tpu --tpu=my-pod \
+      --input_files='gs://my-bucket/bert/seq512/*.tfrecord' \
+      --vocab_file=gs://my-bucket/bert/vocab.txt --bert_config=large \
+      --recipe=lamb_64k_32k --phase=2 --mixed_precision=bfloat16 \
+      --init_checkpoint=gs://my-bucket/bert/phase1 \
+      --steps_per_loop=100 --model_dir=gs://my-bucket/bert/phase2
+
+A tiny run on one CPU machine, emulating batch 1024 with 8 steps of 128:
+
+    python tpu_scripts/bert/pretrain.py --input_files='/tmp/bert/*.tfrecord' \
+      --vocab_file=/tmp/bert/vocab.txt --bert_config=tiny \
+      --max_seq_length=64 --max_predictions_per_seq=10 --recipe=lamb_paper \
+      --global_batch_size=1024 --gradient_accumulation_steps=8 \
+      --train_steps=50 --in_memory --model_dir=/tmp/bert/run
+
+Checkpoints, TensorBoard logs (loss, MLM and NSP accuracy and loss, learning
+rate, per-variable trust ratios) and `results.json` go to `--model_dir`; a
+run restarted with the same `--model_dir` resumes from its last checkpoint.
+
+The script is also the library of pre-training (the other BERT scripts
+import it): `run(flags_)` takes the script's flags (or any object with the
+same attributes). The pieces:
 
 - `plan_hyperparameters`: a recipe's numbers (`keras_lamb.recipes`) with
   every value a flag sets explicitly overriding the recipe's;
@@ -34,19 +62,29 @@ predictions per full-length sequence the two agree, and the per-example form
 does not depend on the replica count or on gradient accumulation.
 """
 
-import math
 import os
-import time
+import sys
 
-import keras
-import numpy as np
-import tensorflow as tf
+if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
+    sys.path.insert(0, os.path.abspath(
+        os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
+if __name__ == "__main__":  # a script needs TensorFlow (tf.distribute)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["KERAS_BACKEND"] = "tensorflow"
 
-import keras_lamb
-from keras_lamb import recipes
-from keras_lamb.schedules import warmup_polynomial_decay
-from tpu_scripts import (bert_data, bert_models, distribute,
-                         run_state, trainer)
+import math  # noqa: E402
+import time  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_lamb  # noqa: E402
+from keras_lamb import recipes  # noqa: E402
+from keras_lamb.schedules import warmup_polynomial_decay  # noqa: E402
+from tpu_scripts import distribute, run_state, trainer  # noqa: E402
+from tpu_scripts.bert import data as bert_data  # noqa: E402
+from tpu_scripts.bert import models as bert_models  # noqa: E402
 
 OPTIMIZER_NAMES = ("lamb", "adamw", "adam", "lars")
 RECIPE_NAMES = ("lamb_paper", "lamb_64k_32k", "nvidia", "none")
@@ -540,7 +578,7 @@ def check_token_ids(flags_, train_input, vocabulary_size):
 
 
 def run(flags_, strategy=None, log=print):
-    """Pre-trains as `flags_` (the `bert_pretrain.py` flags) say.
+    """Pre-trains as `flags_` (the script's flags) say.
 
     Returns the results dict, also written to `results.json` in
     `--model_dir` (or `--results_json`) by the chief.
@@ -671,8 +709,8 @@ FLAG_NAMES = set()
 
 
 def define_flags(flag_values=None):
-    """Defines the flags of `bert_pretrain.py` on `flag_values` (default:
-    absl's global `FLAGS`)."""
+    """Defines the script's flags on `flag_values` (default: absl's global
+    `FLAGS`)."""
     from absl import flags
 
     flag_values = flags.FLAGS if flag_values is None else flag_values
@@ -681,34 +719,8 @@ def define_flags(flag_values=None):
     FLAG_NAMES.update(set(flag_values) - before)
 
 
-def define_distribution_flags(flags, f):
-    """The strategy and precision flags shared by the BERT scripts."""
-    flags.DEFINE_enum(
-        "strategy", "default", distribute.STRATEGY_NAMES,
-        "tf.distribute strategy: tpu (TPUStrategy on --tpu), mirrored (all "
-        "local GPUs, else all logical CPUs), multi_worker_mirrored (cluster "
-        "from TF_CONFIG), one_device, default.", **f)
-    flags.DEFINE_string(
-        "tpu", "", "TPUClusterResolver name or grpc:// address of the TPU "
-        "(`local` on a TPU VM; empty: the TPU_NAME environment variable).",
-        **f)
-    flags.DEFINE_integer(
-        "num_cpu_devices", 0, "Split the host CPU into this many logical "
-        "devices before creating the strategy (multi-replica `mirrored` on "
-        "a CPU-only machine). 0 or 1: no split.", **f)
-    flags.DEFINE_enum(
-        "collective", "auto", ["auto", "ring", "nccl"],
-        "All-reduce implementation of multi_worker_mirrored.", **f)
-    flags.DEFINE_enum(
-        "mixed_precision", "none", distribute.MIXED_PRECISION_NAMES,
-        "bfloat16 (TPU), float16 (GPU; LossScaleOptimizer) or none.", **f)
-    flags.DEFINE_boolean(
-        "jit_compile", False, "XLA-compile each replica's forward and "
-        "backward pass (GPU/CPU; TPU always compiles).", **f)
-
-
 def _define_flags(flags, f):
-    define_distribution_flags(flags, f)
+    distribute.define_flags(f["flag_values"])
     # Data.
     flags.DEFINE_string(
         "input_files", None, "Comma-separated globs of pre-training "
@@ -812,3 +824,23 @@ def _define_flags(flags, f):
     flags.DEFINE_string(
         "results_json", None, "Where to write results.json (default: "
         "--model_dir/results.json).", **f)
+
+
+# ----------------------------------------------------------------------------
+# The script
+
+
+def main(argv):
+    from absl import app, flags, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    run_state.exit_on_flag_error(run, flags.FLAGS)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -26,7 +26,7 @@ from the same initial weights on the same batches):
 - `nesterov`: the control of Nado et al. (2021): SGD Nesterov momentum 0.9,
   L2 1e-4 in the loss, LARS's schedule, rate centre 0.1 * sqrt(B / 256).
 
-    python tpu_scripts/sweep_batch_size.py \
+    python tpu_scripts/resnet/sweep_batch_size.py \
       --data_dir=/usr/share/datasets/fashion-mnist \
       --output_dir=results/resnet_sweep
 
@@ -49,9 +49,8 @@ import sys
 import time
 
 if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
-    sys.path.insert(
-        0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
+    sys.path.insert(0, os.path.abspath(
+        os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 if __name__ == "__main__":  # a script needs TensorFlow (tf.distribute)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -196,8 +195,8 @@ def train_one(flags_, data, optimizer, batch_size, multiplier):
     import tensorflow as tf
 
     from keras_lamb.recipes import RESNET_EXCLUDE
-    from tpu_scripts import models
-    from tpu_scripts.data import ArrayInput
+    from tpu_scripts.resnet import models
+    from tpu_scripts.resnet.data import ArrayInput
     from tpu_scripts.trainer import ClassificationTask, Trainer
 
     keras.backend.clear_session()  # each run starts from a clean graph
@@ -251,7 +250,7 @@ def recalibrate_batchnorm(model, images):
     moving-average momentum at 0."""
     import keras
 
-    from tpu_scripts.data import normalize
+    from tpu_scripts.resnet.data import normalize
 
     layers = [layer for layer in model._flatten_layers()
               if isinstance(layer, keras.layers.BatchNormalization)]
@@ -420,7 +419,8 @@ def run_key(row):
 
 
 def load_data(flags_):
-    from tpu_scripts import data, run_state
+    from tpu_scripts import run_state
+    from tpu_scripts.resnet import data
 
     if not data.has_fashion_mnist(flags_.data_dir):
         raise run_state.FlagError(
@@ -510,7 +510,7 @@ def run_sweep(flags_, argv, train=None, log=print):
     train = train or train_one
     validate_flags(flags_)
     out = flags_.output_dir
-    command = "python tpu_scripts/sweep_batch_size.py " + " ".join(
+    command = "python tpu_scripts/resnet/sweep_batch_size.py " + " ".join(
         shlex.quote(a) for a in argv
     )
     run_state.write_text(os.path.join(out, "command.txt"), command + "\n")

@@ -243,7 +243,7 @@ def resolve_checkpoint(path):
 def load_pretrained_weights(pretrainer, path):
     """Loads the model weights of a pre-training checkpoint into `pretrainer`.
 
-    `path` is a checkpoint prefix or a `--model_dir` of `bert_pretrain.py`
+    `path` is a checkpoint prefix or a `--model_dir` of `bert/pretrain.py`
     (its latest checkpoint). Only the model is read: the optimizer state and
     the step stay behind, so a new run (phase 2, fine-tuning) starts with a
     fresh optimizer and its own learning-rate clock. Raises if any weight of

@@ -6,7 +6,7 @@ accuracy as the batch grows, where AdamW with the usual scaling rules loses
 it; and the control of Nado et al. (2021): does AdamW catch up when its rate
 is tuned at every batch size?
 
-    python -m tpu_scripts.sweep_bert_batch \
+    python -m tpu_scripts.bert.sweep_batch_size \
       --text_file=../shared/data/tinyshakespeare/input.txt \
       --output_dir=results/bert_sweep
 
@@ -58,9 +58,8 @@ import sys
 import time
 
 if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
-    sys.path.insert(
-        0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
+    sys.path.insert(0, os.path.abspath(
+        os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
@@ -160,7 +159,8 @@ def prepare_data(cfg, log=print):
     """`(train, validation, test)` feature dicts and the data settings."""
     import numpy as np
 
-    from tpu_scripts import bert_data, run_state
+    from tpu_scripts import run_state
+    from tpu_scripts.bert import data as bert_data
 
     settings = dict(
         text_file=_absolute(cfg.text_file),
@@ -241,7 +241,9 @@ def train_once(cfg, data, optimizer, learning_rate, batch_size, log=print):
     import numpy as np
     import tensorflow as tf
 
-    from tpu_scripts import bert_data, bert_models, bert_pretraining, trainer
+    from tpu_scripts import trainer
+    from tpu_scripts.bert import (data as bert_data, models as bert_models,
+                                  pretrain as bert_pretrain)
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
@@ -264,12 +266,12 @@ def train_once(cfg, data, optimizer, learning_rate, batch_size, log=print):
     )
     loop = trainer.Trainer(
         tf.distribute.get_strategy(),
-        bert_pretraining.BertPretrainingTask(
+        bert_pretrain.BertPretrainingTask(
             lambda: bert_models.BertPretrainer(
                 bert_models.build_backbone(config)
             )
         ),
-        lambda: bert_pretraining.make_training_optimizer(plan),
+        lambda: bert_pretrain.make_training_optimizer(plan),
         batch_size, steps_per_loop=max(1, cfg.steps_per_loop // k),
         log=lambda *a, **kw: None, gradient_accumulation_steps=k,
     )
@@ -620,7 +622,8 @@ def main(argv):
 
     run_state.exit_on_flag_error(
         run, flags.FLAGS,
-        argv=["python", "-m", "tpu_scripts.sweep_bert_batch"] + sys.argv[1:],
+        argv=["python", "-m", "tpu_scripts.bert.sweep_batch_size",
+              *sys.argv[1:]],
     )
 
 

@@ -2,7 +2,8 @@
 
 The records have the features of google-research/bert's
 `create_pretraining_data.py` (`GOOGLE_FEATURE_SPEC`), so TFRecords made by
-that script work with `bert_pretrain.py` unchanged and the other way round.
+that script work with `tpu_scripts/bert/pretrain.py` unchanged and the other
+way round.
 
 Input text follows google-research/bert's format: one sentence (or line) per
 line, documents separated by blank lines. The instances follow its algorithm
@@ -485,7 +486,7 @@ def create_pretraining_data(input_patterns, output_dir, vocab_file=None,
 
     Writes into `output_dir`: `{output_prefix}-0000i-of-0000n.tfrecord`,
     `vocab.txt` (the vocabulary used, learnt unless `vocab_file` is given)
-    and `metadata.json` (counts and settings; `bert_pretrain.py` reads the
+    and `metadata.json` (counts and settings; `bert/pretrain.py` reads the
     example count from it). All files appear together at the end or not at
     all. A non-empty `output_dir` is refused unless `overwrite`; then its
     old shards (`*.tfrecord`), `vocab.txt` and `metadata.json` are removed

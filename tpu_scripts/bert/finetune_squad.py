@@ -1,9 +1,9 @@
 r"""Fine-tunes a pre-trained BERT on SQuAD v1.1 and reports EM / F1.
 
-From a `bert_pretrain.py` phase-2 checkpoint, on a TPU, with TFDS
+From a `tpu_scripts/bert/pretrain.py` phase-2 checkpoint, on a TPU, with TFDS
 `squad/v1.1` (downloaded by TFDS into --tfds_data_dir):
 
-    python -m tpu_scripts.run_squad --strategy=tpu --tpu=my-tpu \
+    python -m tpu_scripts.bert.finetune_squad --strategy=tpu --tpu=my-tpu \
       --init_checkpoint=gs://my-bucket/bert/phase2 \
       --vocab_file=gs://my-bucket/bert/vocab.txt --bert_config=large \
       --tfds_data_dir=gs://my-bucket/tfds --global_batch_size=48 \
@@ -12,7 +12,7 @@ From a `bert_pretrain.py` phase-2 checkpoint, on a TPU, with TFDS
 
 Offline, from the SQuAD JSON files (`train-v1.1.json`, `dev-v1.1.json`):
 
-    python tpu_scripts/run_squad.py --train_file=train-v1.1.json \
+    python tpu_scripts/bert/finetune_squad.py --train_file=train-v1.1.json \
       --predict_file=dev-v1.1.json --init_checkpoint=/tmp/bert/phase2 \
       --vocab_file=/tmp/bert/vocab.txt --bert_config=tiny \
       --max_seq_length=128 --model_dir=/tmp/bert/squad
@@ -20,7 +20,7 @@ Offline, from the SQuAD JSON files (`train-v1.1.json`, `dev-v1.1.json`):
 Writes `predictions.json` ({question id: answer}) and `results.json`
 (`exact_match`, `f1` in percent, as the official v1.1 script) to
 `--model_dir`. Training runs on the shared trainer (`tpu_scripts.trainer`);
-the logic lives in `tpu_scripts.bert_squad`.
+the logic lives in `tpu_scripts.bert.squad`.
 """
 
 import os
@@ -28,15 +28,15 @@ import sys
 import time
 
 if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
-    sys.path.insert(
-        0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
+    sys.path.insert(0, os.path.abspath(
+        os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
 from absl import app, flags, logging  # noqa: E402
 
-from tpu_scripts import bert_pretraining  # noqa: E402
+from tpu_scripts import distribute  # noqa: E402
+from tpu_scripts.bert import pretrain as bert_pretrain  # noqa: E402
 
 FLAG_NAMES = set()
 
@@ -46,7 +46,7 @@ def define_flags(flag_values=None):
     flag_values = flags.FLAGS if flag_values is None else flag_values
     before = set(flag_values)
     f = dict(flag_values=flag_values)
-    bert_pretraining.define_distribution_flags(flags, f)
+    distribute.define_flags(flag_values)
     flags.DEFINE_string(
         "train_file", None, "SQuAD v1.1 training JSON (default: TFDS "
         "squad/v1.1 train).", **f)
@@ -55,7 +55,7 @@ def define_flags(flag_values=None):
         "(default: TFDS squad/v1.1 validation).", **f)
     flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory.", **f)
     flags.DEFINE_string(
-        "init_checkpoint", None, "bert_pretrain.py checkpoint (prefix or "
+        "init_checkpoint", None, "bert/pretrain.py checkpoint (prefix or "
         "model_dir) whose encoder starts fine-tuning (none: random).", **f)
     flags.DEFINE_string("bert_config", "base", "tiny, mini, small, medium, "
                         "base, large or a JSON file; as pre-training.", **f)
@@ -76,7 +76,7 @@ def define_flags(flag_values=None):
     flags.DEFINE_float("num_train_epochs", 2.0, "Training epochs.", **f)
     flags.DEFINE_integer("train_steps", 0, "Training steps (0: from "
                          "--num_train_epochs).", **f)
-    flags.DEFINE_enum("optimizer", "adamw", bert_pretraining.OPTIMIZER_NAMES,
+    flags.DEFINE_enum("optimizer", "adamw", bert_pretrain.OPTIMIZER_NAMES,
                       "Optimizer (BERT fine-tunes with AdamW).", **f)
     flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate.", **f)
     flags.DEFINE_float("warmup_proportion", 0.1, "Linear warmup fraction, "
@@ -154,8 +154,9 @@ def run(flags_, log=print):
     """Fine-tunes and evaluates as `flags_` say; returns the results."""
     import keras
 
-    from tpu_scripts import (bert_data, bert_models, bert_squad, distribute,
-                             run_state, trainer)
+    from tpu_scripts import run_state, trainer
+    from tpu_scripts.bert import (data as bert_data, models as bert_models,
+                                  squad as bert_squad)
 
     start = time.time()
     validate_flags(flags_)
@@ -245,7 +246,7 @@ def run(flags_, log=print):
 
     loop = trainer.Trainer(
         strategy, bert_squad.SquadTask(model_fn),
-        lambda: bert_pretraining.make_training_optimizer(
+        lambda: bert_pretrain.make_training_optimizer(
             plan, mixed_precision=flags_.mixed_precision,
         ),
         flags_.global_batch_size, model_dir=flags_.model_dir,
@@ -298,5 +299,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    flags.adopt_module_key_flags(bert_pretraining)  # listed by --help
     app.run(main)

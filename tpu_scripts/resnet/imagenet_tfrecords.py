@@ -15,14 +15,14 @@ randomly flipped. Evaluation: decode, resize the short side to
 `image_size / 0.875`, take the central `image_size` square. Both normalise
 with the ImageNet mean and standard deviation.
 
-`TFRecordInput` keeps the contract of `tpu_scripts.data` (see its docstring):
-static per-replica batches, files sharded per input pipeline (examples when
-there are fewer files than pipelines), every evaluation example exactly once
-(padding weighted 0), and an exact resume: file order, shuffling and
-augmentation depend only on `(seed, epoch, example)`, and reads are
-deterministic, so a run resumed at `start_step` of an epoch sees the batches
-the uninterrupted run would have seen. The price of the exact resume is a
-re-read (without decoding) of the epoch's records before `start_step`.
+`TFRecordInput` keeps the contract of `tpu_scripts.resnet.data` (see its
+docstring): static per-replica batches, files sharded per input pipeline
+(examples when there are fewer files than pipelines), every evaluation
+example exactly once (padding weighted 0), and an exact resume: file order,
+shuffling and augmentation depend only on `(seed, epoch, example)`, and reads
+are deterministic, so a run resumed at `start_step` of an epoch sees the
+batches the uninterrupted run would have seen. The price of the exact resume
+is a re-read (without decoding) of the epoch's records before `start_step`.
 
 Bad records stop the input with an error naming the flag, the file and the
 record: a missing `image/encoded` or `image/class/label`, a label outside
@@ -38,7 +38,7 @@ image crosses from the host: the throughput mode of Model Garden and MLPerf.
 import numpy as np
 import tensorflow as tf
 
-from tpu_scripts import data
+from tpu_scripts.resnet import data
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 IMAGENET_EVAL_EXAMPLES = 50_000
