@@ -14,7 +14,9 @@ of `--full_batch_lr_multipliers` (the same grid for every optimizer: 1/16,
 1/4, 1, 4), keeping the rate with the lowest final training loss (the test set
 is not used to choose); a second table shows every rate tried, i.e. how
 sensitive each optimizer is to its scaling rule. Every run warms up linearly,
-then decays (cosine).
+then decays (cosine). The same numbers are drawn in `--plot` (default
+`demo.png`): test accuracy against peak learning rate, one line per
+optimizer, the small batch and the full batch side by side.
 
     python -m tpu_scripts.demo --dataset=fashion_mnist
 
@@ -41,6 +43,8 @@ from absl import app, flags  # noqa: E402
 
 DEMO_OPTIMIZERS = ("lars", "lamb", "momentum", "adam")
 DATASETS = ("digits", "fashion_mnist")
+DATASET_TITLES = {"digits": "scikit-learn digits (8x8)",
+                  "fashion_mnist": "Fashion-MNIST"}
 SYSTEM_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 # Per optimizer: the rate at the small batch, and how it scales with the
@@ -85,6 +89,11 @@ def define_flags(flag_values=flags.FLAGS):
         "all).", **f)
     flags.DEFINE_integer("seed", 0, "Seed of the split, the initial "
                          "weights and the data order.", **f)
+    flags.DEFINE_string(
+        "plot", "demo.png", "Where to write the plot of test accuracy "
+        "against peak learning rate, per optimizer, small and full batch "
+        "side by side (the extension picks the format: png, svg, pdf). "
+        "Empty: no plot.", **f)
 
 
 # ----------------------------------------------------------------------------
@@ -299,6 +308,153 @@ def format_table(results, small_batch_size, full_batch_size):
     return "\n".join(rows)
 
 
+# ----------------------------------------------------------------------------
+# The plot.
+
+# One colour (Okabe-Ito, readable with colour-blindness) and marker each.
+STYLES = {
+    "lars": dict(color="#0072B2", marker="o", label="LARS"),
+    "lamb": dict(color="#D55E00", marker="s", label="LAMB"),
+    "momentum": dict(color="#009E73", marker="^", label="SGD + momentum"),
+    "adam": dict(color="#CC79A7", marker="D", label="Adam"),
+}
+
+
+def check_plot_path(path):
+    """Raises `app.UsageError` naming `--plot` when the plot could not be
+    written (no matplotlib, an unknown extension, a parent that is a file or
+    read-only), before any training."""
+    if not path:
+        return
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise app.UsageError(
+            "--plot needs matplotlib (`pip install matplotlib`, part of the "
+            "`scripts` extra); pass --plot= to run without the plot."
+        ) from None
+    formats = sorted(Figure().canvas.get_supported_filetypes())
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        raise app.UsageError(
+            f"--plot={path!r} must end in a format matplotlib writes: "
+            f"{', '.join('.' + f for f in formats)}."
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the folders still to make
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise app.UsageError(
+            f"--plot={path!r}: cannot write under {parent} (not a writable "
+            "directory)."
+        )
+
+
+def _fraction(multiplier):
+    """0.0625 -> '1/16', 4.0 -> '4'."""
+    from fractions import Fraction
+
+    return str(Fraction(multiplier).limit_denominator(1000))
+
+
+def plot_accuracy_vs_learning_rate(results, tried, small_batch_size,
+                                   full_batch_size, title, chance=None):
+    """Test accuracy against peak learning rate (log axis), one line per
+    optimizer: the small batch on the left, the full batch on the right with
+    every rate tried and the kept one (lowest final training loss) ringed.
+
+    Args:
+        results: the runs of the final table (`train_one`'s dicts).
+        tried: `{optimizer: [full-batch runs]}`, every rate tried.
+        small_batch_size, full_batch_size: the two batch sizes.
+        title: the figure's title.
+        chance: `None` or the accuracy (%) of guessing, drawn as a dotted
+            line: where diverged runs end up.
+
+    Returns:
+        A `matplotlib.figure.Figure` (Agg canvas; no pyplot state).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    figure = Figure(figsize=(11, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    small_axes, full_axes = figure.subplots(1, 2, sharex=True, sharey=True)
+    small = {name: [r for r in results if r["optimizer"] == name
+                    and r["batch_size"] == small_batch_size]
+             for name in tried}
+    kept = [r for r in results if r["batch_size"] == full_batch_size]
+    for axes, runs_by_optimizer in ((small_axes, small), (full_axes, tried)):
+        for name, runs in runs_by_optimizer.items():
+            runs = sorted(runs, key=lambda r: r["peak_lr"])
+            axes.plot([r["peak_lr"] for r in runs],
+                      [100 * r["test_accuracy"] for r in runs],
+                      linewidth=1.8, markersize=7, **STYLES[name])
+        axes.set_xscale("log")
+        axes.set_xlabel("peak learning rate (log scale)")
+        axes.grid(True, which="major", alpha=0.4)
+        axes.grid(True, which="minor", axis="x", alpha=0.12)
+    _write_values(small_axes, [r for runs in small.values() for r in runs])
+    if chance is not None:
+        for axes in (small_axes, full_axes):
+            axes.axhline(chance, color="0.45", linestyle=":", linewidth=1.2)
+        small_axes.annotate("chance: where a diverged run ends", (1, chance),
+                            xycoords=("axes fraction", "data"),
+                            textcoords="offset points", xytext=(-4, 5),
+                            ha="right", fontsize=9, color="0.35")
+    for run in kept:
+        full_axes.plot(run["peak_lr"], 100 * run["test_accuracy"], marker="o",
+                       markersize=16, markerfacecolor="none",
+                       markeredgewidth=1.6, linestyle="none",
+                       color=STYLES[run["optimizer"]]["color"])
+    multipliers = sorted({r["multiplier"] for runs in tried.values()
+                          for r in runs})
+    small_axes.set_title(f"batch {small_batch_size}: one standard rate per "
+                         "optimizer", fontsize=11)
+    full_axes.set_title(
+        f"full batch {full_batch_size}: scaled rate × "
+        f"{', '.join(_fraction(m) for m in multipliers)}", fontsize=11)
+    small_axes.set_ylabel("test accuracy (%)")
+    handles = [Line2D([], [], linewidth=1.8, markersize=7, **STYLES[name])
+               for name in tried]
+    handles.append(Line2D([], [], marker="o", markersize=13,
+                          markerfacecolor="none", markeredgewidth=1.6,
+                          linestyle="none", color="0.3",
+                          label="kept (lowest final training loss)"))
+    figure.legend(handles=handles, loc="outside lower center",
+                  ncols=len(handles), fontsize=10, frameon=False)
+    figure.suptitle(title, fontsize=12)
+    return figure
+
+
+def _write_values(axes, runs):
+    """Writes each run's accuracy under its marker, on two alternating rows
+    (neighbouring rates can be close on the log axis)."""
+    for i, r in enumerate(sorted(runs, key=lambda r: r["peak_lr"])):
+        axes.annotate(f"{100 * r['test_accuracy']:.1f} %",
+                      (r["peak_lr"], 100 * r["test_accuracy"]),
+                      textcoords="offset points",
+                      xytext=(0, -18 - 14 * (i % 2)),
+                      ha="center", fontsize=9,
+                      color=STYLES[r["optimizer"]]["color"])
+
+
+def save_figure(figure, path):
+    """Writes `figure` to `path` (format from the extension) atomically:
+    a reader never sees half a file. Returns the absolute path."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
+    try:
+        figure.savefig(temp, dpi=150)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return path
+
+
 def run(flags_, log=print):
     """The whole demo; returns the list of results."""
     for name in flags_.optimizers:
@@ -307,6 +463,7 @@ def run(flags_, log=print):
                 f"Unknown optimizer {name!r} in --optimizers; expected "
                 f"{', '.join(DEMO_OPTIMIZERS)}."
             )
+    check_plot_path(flags_.plot)
     if flags_.dataset == "digits":
         train, test, source = load_digits(flags_.seed)
         epochs = flags_.epochs or 60
@@ -348,6 +505,14 @@ def run(flags_, log=print):
         "full batch: the rate with the lowest final training loss:")
     log(format_table(results, flags_.small_batch_size, full))
     log(f"Total time {time.time() - start:.0f} s.")
+    if flags_.plot:
+        title = (f"Test accuracy against peak learning rate: "
+                 f"{DATASET_TITLES[flags_.dataset]}, {full:,} training / "
+                 f"{len(test[0]):,} test examples, {epochs} epochs per run")
+        figure = plot_accuracy_vs_learning_rate(
+            results, tried, flags_.small_batch_size, full, title,
+            chance=100 / (int(train[1].max()) + 1))
+        log(f"Plot: {save_figure(figure, flags_.plot)}")
     return results
 
 
