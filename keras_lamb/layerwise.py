@@ -107,7 +107,7 @@ def default_norm_method():
     `"matvec"` for TensorFlow on CPU (XLA:CPU reductions are serial loops;
     without XLA both methods cost the same), `"reduce"` elsewhere (JAX's
     XLA:CPU; on an H100 `"reduce"` and `"rows"` were within noise). See
-    the README's "Performance" section.
+    docs/performance.md.
     """
     if keras.backend.backend() == "tensorflow" and not on_accelerator():
         return "matvec"

@@ -288,7 +288,7 @@ def make_training_optimizer(plan, track_trust_ratios=False,
     Clipping: keras_lamb's LAMB and LARS clip the all-reduced gradient under
     every strategy. Keras's AdamW and Adam clip each replica's gradient
     before the all-reduce, so with several replicas their `--clipnorm`
-    differs from one device's (see the README's "Distributed training").
+    differs from one device's (see docs/distributed.md).
     """
     return densify_sparse_gradients(
         make_optimizer(plan, track_trust_ratios, mixed_precision)
