@@ -63,11 +63,12 @@ class TrustRatioMonitor(keras.callbacks.Callback):
     real updates count (with `gradient_accumulation_steps`, the micro-steps
     in between are not steps). At each epoch end it adds `trust_ratio/min`,
     `trust_ratio/median` and `trust_ratio/max` over the updated variables
-    that use layer adaptation to the epoch's logs (so to `History`). With `log_dir`, it also writes TensorBoard
-    summaries at each record: scalars `{stat}/{variable.path}` for the
-    variables chosen by `layers`, and histograms `across_layers/{stat}` over
-    all variables (`across_layers/log10_trust_ratio` as well, since the
-    ratios span orders of magnitude).
+    that use layer adaptation to the epoch's logs (so to `History`). With
+    `log_dir`, it also writes TensorBoard summaries at each record: scalars
+    `{stat}/{variable.path}` for the variables chosen by `layers`, and
+    histograms `across_layers/{stat}` over all updated variables
+    (`across_layers/log10_trust_ratio` as well, since the ratios span orders
+    of magnitude).
 
     Between records the monitor reads nothing from the devices: it counts
     batches on the host and reads `optimizer.iterations` only when a record

@@ -69,7 +69,8 @@ class LAMB(LayerwiseAdaptiveOptimizer):
             cost of four float32 scalars per variable. Defaults to `False`.
         **kwargs: the base optimizer keywords (`clipnorm`, `global_clipnorm`,
             `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
-            `loss_scale_factor`, `gradient_accumulation_steps`, `name`).
+            `loss_scale_factor`, `gradient_accumulation_steps`, `name`), each
+            validated here (Keras's own optimizers accept `clipnorm=nan`).
             They act on the gradient of the global batch: under a
             `tf.distribute` strategy the replicas' gradients are all-reduced
             first, then accumulated, clipped and applied exactly as on one

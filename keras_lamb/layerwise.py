@@ -327,10 +327,10 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         """A `ValueError` unless the optimizer can step `variable`: its
         fractional updates would be rounded on an integer variable (LAMB at
         a tiny rate took 1 off every positive entry per step)."""
-        if self._overwrite_variable_with_gradient(variable):
+        if _overwritten_with_gradient(variable):
             return
         dtype = keras.backend.standardize_dtype(variable.dtype)
-        if not keras.backend.is_float_dtype(dtype):
+        if not dtype.startswith(("float", "bfloat")):
             raise ValueError(
                 f"{self.__class__.__name__} can only train floating-point "
                 f"variables, but variable `{variable_path(variable)}` has "
@@ -346,7 +346,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         NaN until the variable's first update, so that a variable that never
         got a gradient is not summarized as a zero ratio.
         """
-        if self._overwrite_variable_with_gradient(variable):
+        if _overwritten_with_gradient(variable):
             return None
         name = variable.name
         if not hasattr(variable, "path"):  # a raw tf.Variable, "a/b:0"
@@ -619,6 +619,12 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _overwritten_with_gradient(variable):
+    """Whether Keras assigns `variable` its gradient instead of stepping it
+    (float8 scales and amax histories); raw tf.Variables have no flag."""
+    return bool(getattr(variable, "overwrite_with_gradient", False))
 
 
 def _pack_unit(members, use_decay, use_adaptation):
