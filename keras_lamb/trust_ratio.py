@@ -250,7 +250,10 @@ def check_number(name, value, low=None, high=None, low_open=False,
     """
     if value is None and allow_none:
         return None
-    ok = is_real_number(value) and math.isfinite(value)
+    try:
+        ok = is_real_number(value) and math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        ok = False
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:

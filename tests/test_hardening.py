@@ -380,6 +380,9 @@ BAD_NUMPY = [
     ("lars", dict(trust_coefficient=np.int64(0)),
      r"Argument `trust_coefficient` must be a finite number > 0. Received: "
      r"trust_coefficient=np.int64\(0\)"),
+    ("lars", dict(epsilon=10**400),
+     r"Argument `epsilon` must be a finite number >= 0. Received: "
+     r"epsilon=1000"),
     ("lars", dict(learning_rate=np.bool_(True)),
      r"Argument `learning_rate` must be .* Received: learning_rate=np.True_"),
 ]
