@@ -432,12 +432,11 @@ def trust_ratio_summary(optimizer):
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     if not getattr(inner, "track_trust_ratios", False):
         return None
-    stats = inner.trust_ratio_stats()
-    adapted = getattr(inner, "_apply_adaptation", None)
-    values = list(stats.values())
-    if adapted is not None and len(adapted) == len(values):
-        values = [v for v, a in zip(values, adapted) if a]
-    ratios = np.array([v["trust_ratio"] for v in values])
+    adapted = inner._adaptation_by_path()
+    ratios = np.array([
+        v["trust_ratio"] for path, v in inner.trust_ratio_stats().items()
+        if adapted.get(path) and np.isfinite(v["trust_ratio"])
+    ])  # NaN: not updated yet
     if not ratios.size:
         return None
     return dict(min=float(ratios.min()), median=float(np.median(ratios)),
