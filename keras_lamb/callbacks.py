@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import numbers
 import re
 
 import keras
@@ -46,9 +47,11 @@ class TrustRatioMonitor(keras.callbacks.Callback):
 
     Reads the statistics that `LAMB`/`LARS` keep when created with
     `track_trust_ratios=True` (`optimizer.trust_ratio_stats()`): for each
-    trainable variable, the last step's `weight_norm` ||w||, `update_norm`
-    (||g|| for LARS, ||u|| = ||Adam step + weight decay|| for LAMB),
-    `trust_ratio` and effective `learning_rate` (global rate times ratio).
+    variable the optimizer updates (not the float8 scales and amax histories
+    of a quantized model), its last update's `weight_norm` ||w||,
+    `update_norm` (||g|| for LARS, ||u|| = ||Adam step + weight decay|| for
+    LAMB), `trust_ratio` and effective `learning_rate` (global rate times
+    ratio); NaN for a variable that has had no gradient yet.
     Nothing is recomputed: the optimizer stores them in the step it already
     takes, so under `MirroredStrategy` they are the values computed from the
     all-reduced gradients, the same on every replica, and they work in
@@ -56,14 +59,16 @@ class TrustRatioMonitor(keras.callbacks.Callback):
 
     Every `every_n_steps` optimizer steps (and at step 1) the monitor appends
     `(step, stats)` to `records`, where `step` is `optimizer.iterations`
-    after the update and `stats` is `{variable.path: {stat: float}}`. At each
-    epoch end it adds `trust_ratio/min`, `trust_ratio/median` and
-    `trust_ratio/max` over the variables that use layer adaptation to the
-    epoch's logs (so to `History`). With `log_dir`, it also writes TensorBoard
-    summaries at each record: scalars `{stat}/{variable.path}` for the
-    variables chosen by `layers`, and histograms `across_layers/{stat}` over
-    all variables (`across_layers/log10_trust_ratio` as well, since the
-    ratios span orders of magnitude).
+    after the update and `stats` is `{variable.path: {stat: float}}`; only
+    real updates count (with `gradient_accumulation_steps`, the micro-steps
+    in between are not steps). At each epoch end it adds `trust_ratio/min`,
+    `trust_ratio/median` and `trust_ratio/max` over the updated variables
+    that use layer adaptation to the epoch's logs (so to `History`). With
+    `log_dir`, it also writes TensorBoard summaries at each record: scalars
+    `{stat}/{variable.path}` for the variables chosen by `layers`, and
+    histograms `across_layers/{stat}` over all updated variables
+    (`across_layers/log10_trust_ratio` as well, since the ratios span orders
+    of magnitude).
 
     Between records the monitor reads nothing from the devices: it counts
     batches on the host and reads `optimizer.iterations` only when a record
@@ -98,8 +103,8 @@ class TrustRatioMonitor(keras.callbacks.Callback):
     def __init__(self, every_n_steps=100, log_dir=None, layers=None):
         super().__init__()
         if (
-            not isinstance(every_n_steps, int)
-            or isinstance(every_n_steps, bool)
+            not isinstance(every_n_steps, numbers.Integral)
+            or isinstance(every_n_steps, (bool, np.bool_))
             or every_n_steps < 1
         ):
             raise ValueError(
@@ -128,7 +133,7 @@ class TrustRatioMonitor(keras.callbacks.Callback):
             ) from None
         if log_dir is not None:
             _require_tensorflow()
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = int(every_n_steps)
         self.log_dir = log_dir
         self.layers = layers
         self.records = []
@@ -238,21 +243,31 @@ class TrustRatioMonitor(keras.callbacks.Callback):
         """Trust ratios of the variables that use layer adaptation.
 
         Excluded variables (biases, norms) have ratio 1 by construction and
-        would pull the summary towards 1.
+        would pull the summary towards 1. Variables not updated yet (NaN, no
+        gradient so far) are left out.
         """
-        adapted = getattr(self._optimizer, "_apply_adaptation", None)
-        values = list(stats.values())
-        if adapted is not None and len(adapted) == len(values):
-            values = [v for v, a in zip(values, adapted) if a]
-        return np.array([v["trust_ratio"] for v in values], dtype="float64")
+        adapted = self._optimizer._adaptation_by_path()
+        ratios = np.array(
+            [s["trust_ratio"] for path, s in stats.items()
+             if adapted.get(path, True)],
+            dtype="float64",
+        )
+        return ratios[~np.isnan(ratios)]
 
     def _write_summaries(self, step, stats):
+        # Variables not updated yet (NaN statistics) are left out.
+        stats = {
+            path: values for path, values in stats.items()
+            if not math.isnan(values["trust_ratio"])
+        }
         with self._writer.as_default(step=step):
             for path, values in stats.items():
                 if self._chosen(path):
                     for stat in STAT_NAMES:
                         _write_scalar(f"{stat}/{path}", values[stat])
             for stat in STAT_NAMES:
+                if not stats:
+                    break
                 _write_histogram(
                     f"across_layers/{stat}",
                     np.array([v[stat] for v in stats.values()]),

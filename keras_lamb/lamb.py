@@ -3,10 +3,11 @@
 import keras
 from keras import ops
 
-from keras_lamb.layerwise import LayerwiseAdaptiveOptimizer, dense_float32
+from keras_lamb.layerwise import LayerwiseAdaptiveOptimizer, dense_cast
 from keras_lamb.trust_ratio import (
     check_bool,
     check_number,
+    compute_dtype,
     l2_norm,
     safe_trust_ratio,
 )
@@ -35,8 +36,9 @@ class LAMB(LayerwiseAdaptiveOptimizer):
     separately, outside the ratio. Variables matched by
     `exclude_from_weight_decay` get no decay term; variables matched by
     `exclude_from_layer_adaptation` use `r = 1` (plain Adam steps). The two
-    rules are independent. Norms and the ratio are computed in float32
-    whatever the variable dtype.
+    rules are independent. The step (norms and ratio included) is computed
+    in float32 for float16, bfloat16 and float32 variables, and in float64
+    for float64 variables. Integer variables are rejected at `build`.
 
     Non-finite gradients: outside `keras.optimizers.LossScaleOptimizer` a
     nan/inf gradient makes the moments and the variable nan, as with Keras's
@@ -67,7 +69,8 @@ class LAMB(LayerwiseAdaptiveOptimizer):
             cost of four float32 scalars per variable. Defaults to `False`.
         **kwargs: the base optimizer keywords (`clipnorm`, `global_clipnorm`,
             `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
-            `loss_scale_factor`, `gradient_accumulation_steps`, `name`).
+            `loss_scale_factor`, `gradient_accumulation_steps`, `name`), each
+            validated here (Keras's own optimizers accept `clipnorm=nan`).
             They act on the gradient of the global batch: under a
             `tf.distribute` strategy the replicas' gradients are all-reduced
             first, then accumulated, clipped and applied exactly as on one
@@ -140,18 +143,19 @@ class LAMB(LayerwiseAdaptiveOptimizer):
     def _slots(self, index):
         return [self._momentums[index], self._velocities[index]]
 
-    def _step_scalars(self, learning_rate):
-        """The step's scalars, computed once per step, not per variable.
+    def _step_scalars(self, learning_rate, dtype):
+        """The step's scalars in `dtype`, computed once per step, not per
+        variable.
 
         The bias corrections are folded into two scalars: with
         `c_1 = sqrt(1 - beta_2**t) / (1 - beta_1**t)`,
         `m_hat / (sqrt(v_hat) + epsilon) = c_1 * m / (sqrt(v) + epsilon_t)`
         where `epsilon_t = epsilon * sqrt(1 - beta_2**t)`.
         """
-        scalars = {"lr": ops.cast(learning_rate, "float32"),
+        scalars = {"lr": ops.cast(learning_rate, dtype),
                    "c1": 1.0, "epsilon": self.epsilon}
         if self.bias_correction:
-            t = ops.cast(self.iterations + 1, "float32")
+            t = ops.cast(self.iterations + 1, dtype)
             sqrt_bc2 = ops.sqrt(1 - ops.power(self.beta_2, t))
             scalars["c1"] = sqrt_bc2 / (1 - ops.power(self.beta_1, t))
             scalars["epsilon"] = self.epsilon * sqrt_bc2
@@ -204,30 +208,31 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         private flag `_use_reference_path`.
         """
         index, use_decay, use_adaptation = self._layer_flags(variable)
-        g = dense_float32(gradient)
-        w = ops.cast(variable, "float32")
+        dtype = compute_dtype(variable.dtype)
+        g = dense_cast(gradient, dtype)
+        w = ops.cast(variable, dtype)
         m_slot = self._momentums[index]
         v_slot = self._velocities[index]
-        m = self.beta_1 * ops.cast(m_slot, "float32") + (1 - self.beta_1) * g
-        v = self.beta_2 * ops.cast(v_slot, "float32") + (
+        m = self.beta_1 * ops.cast(m_slot, dtype) + (1 - self.beta_1) * g
+        v = self.beta_2 * ops.cast(v_slot, dtype) + (
             1 - self.beta_2
         ) * ops.square(g)
         m_hat, v_hat = m, v
         if self.bias_correction:
-            t = ops.cast(self.iterations + 1, "float32")
+            t = ops.cast(self.iterations + 1, dtype)
             m_hat = m / (1 - ops.power(self.beta_1, t))
             v_hat = v / (1 - ops.power(self.beta_2, t))
         u = m_hat / (ops.sqrt(v_hat) + self.epsilon)
         if use_decay:
             u = u + self.weight_decay * w
-        lr = ops.cast(learning_rate, "float32")
+        lr = ops.cast(learning_rate, dtype)
         w_norm = u_norm = None
         if use_adaptation:
             w_norm = l2_norm(w)
             u_norm = l2_norm(u)
             ratio = self._trust_ratio(w_norm, u_norm)
         else:
-            ratio = ops.ones((), "float32")
+            ratio = ops.ones((), dtype)
         # Statistics first: on eager TF `w` still aliases the variable.
         if self._stats is not None:
             self._record_stats(

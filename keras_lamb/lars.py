@@ -3,10 +3,11 @@
 import keras
 from keras import ops
 
-from keras_lamb.layerwise import LayerwiseAdaptiveOptimizer, dense_float32
+from keras_lamb.layerwise import LayerwiseAdaptiveOptimizer, dense_cast
 from keras_lamb.trust_ratio import (
     check_bool,
     check_number,
+    compute_dtype,
     l2_norm,
     safe_trust_ratio,
 )
@@ -35,7 +36,9 @@ class LARS(LayerwiseAdaptiveOptimizer):
     learning_rate)` never exceeds the global rate. Variables matched by
     `exclude_from_layer_adaptation` use `r = 1` (plain momentum SGD);
     variables matched by `exclude_from_weight_decay` use `weight_decay = 0`
-    in both the ratio and the step. Norms are computed in float32.
+    in both the ratio and the step. The step (norms and ratio included) is
+    computed in float32 for float16, bfloat16 and float32 variables, and in
+    float64 for float64 variables. Integer variables are rejected at `build`.
 
     Non-finite gradients: outside `keras.optimizers.LossScaleOptimizer` a
     nan/inf gradient makes the momentum and the variable nan, as with Keras's
@@ -63,7 +66,8 @@ class LARS(LayerwiseAdaptiveOptimizer):
             norms and ratio (`trust_ratio_stats()`). Defaults to `False`.
         **kwargs: the base optimizer keywords (`clipnorm`, `global_clipnorm`,
             `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
-            `loss_scale_factor`, `gradient_accumulation_steps`, `name`).
+            `loss_scale_factor`, `gradient_accumulation_steps`, `name`), each
+            validated here (Keras's own optimizers accept `clipnorm=nan`).
             They act on the gradient of the global batch: under a
             `tf.distribute` strategy the replicas' gradients are all-reduced
             first, then accumulated, clipped and applied exactly as on one
@@ -142,8 +146,8 @@ class LARS(LayerwiseAdaptiveOptimizer):
     def _slots(self, index):
         return [self._momentums[index]]
 
-    def _step_scalars(self, learning_rate):
-        return {"lr": ops.cast(learning_rate, "float32")}
+    def _step_scalars(self, learning_rate, dtype):
+        return {"lr": ops.cast(learning_rate, dtype)}
 
     def _layerwise_update(self, w, g, state, use_decay, use_adaptation,
                           scalars, segments):
@@ -200,20 +204,21 @@ class LARS(LayerwiseAdaptiveOptimizer):
         private flag `_use_reference_path`.
         """
         index, use_decay, use_adaptation = self._layer_flags(variable)
-        g = dense_float32(gradient)
-        w = ops.cast(variable, "float32")
+        dtype = compute_dtype(variable.dtype)
+        g = dense_cast(gradient, dtype)
+        w = ops.cast(variable, dtype)
         wd = self.weight_decay if use_decay else 0.0
-        lr = ops.cast(learning_rate, "float32")
+        lr = ops.cast(learning_rate, dtype)
         w_norm = g_norm = None
         if use_adaptation:
             w_norm = l2_norm(w)
             g_norm = l2_norm(g)
             ratio = self._trust_ratio(w_norm, g_norm, wd, lr)
         else:
-            ratio = ops.ones((), "float32")
+            ratio = ops.ones((), dtype)
         step = lr * ratio * (g + wd * w) if use_decay else lr * ratio * g
         m_slot = self._momentums[index]
-        m = self.momentum * ops.cast(m_slot, "float32") + step  # v_t
+        m = self.momentum * ops.cast(m_slot, dtype) + step  # v_t
         if self.nesterov:
             new_w = w - (self.momentum * m + step)
         else:

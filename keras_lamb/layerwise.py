@@ -2,7 +2,7 @@
 
 import functools
 import math
-import numbers
+import re
 
 import keras
 import numpy as np
@@ -10,9 +10,14 @@ from keras import ops
 
 from keras_lamb.trust_ratio import (
     ExclusionRule,
+    check_bool,
+    check_integer,
     check_number,
+    compute_dtype,
+    is_real_number,
     sum_of_squares,
     sums_of_squares,
+    variable_path,
 )
 
 STAT_NAMES = ("weight_norm", "update_norm", "trust_ratio", "learning_rate")
@@ -29,10 +34,8 @@ PACK_MAX_COUNT = 16
 
 
 def _check_learning_rate(learning_rate):
-    if isinstance(learning_rate, numbers.Real) and not isinstance(
-        learning_rate, bool
-    ):
-        return check_number("learning_rate", float(learning_rate), low=0)
+    if is_real_number(learning_rate):
+        return check_number("learning_rate", learning_rate, low=0)
     if isinstance(
         learning_rate, keras.optimizers.schedules.LearningRateSchedule
     ) or callable(learning_rate):
@@ -44,8 +47,43 @@ def _check_learning_rate(learning_rate):
     )
 
 
-def dense_float32(gradient):
-    """The gradient as a dense float32 tensor.
+def _check_base_arguments(kwargs):
+    """The base optimizer's keywords in `kwargs`, validated.
+
+    Keras's own optimizers accept `clipnorm=nan` or
+    `gradient_accumulation_steps=2.5`; here each bad value is a `ValueError`
+    naming the argument, and NumPy scalars become Python numbers (so
+    `get_config()` stays JSON-serializable).
+    """
+    kwargs = dict(kwargs)
+    for name in ("clipnorm", "global_clipnorm", "clipvalue",
+                 "loss_scale_factor"):
+        if name in kwargs:
+            kwargs[name] = check_number(
+                name, kwargs[name], low=0, low_open=True, allow_none=True
+            )
+    if "gradient_accumulation_steps" in kwargs:
+        # Keras treats k = 1 as an error too: it is no accumulation.
+        kwargs["gradient_accumulation_steps"] = check_integer(
+            "gradient_accumulation_steps",
+            kwargs["gradient_accumulation_steps"], low=2, allow_none=True,
+        )
+    if "ema_overwrite_frequency" in kwargs:
+        kwargs["ema_overwrite_frequency"] = check_integer(
+            "ema_overwrite_frequency", kwargs["ema_overwrite_frequency"],
+            low=1, allow_none=True,
+        )
+    if "ema_momentum" in kwargs:
+        kwargs["ema_momentum"] = check_number(
+            "ema_momentum", kwargs["ema_momentum"], 0, 1
+        )
+    if "use_ema" in kwargs:
+        kwargs["use_ema"] = check_bool("use_ema", kwargs["use_ema"])
+    return kwargs
+
+
+def dense_cast(gradient, dtype):
+    """The gradient as a dense tensor of `dtype`.
 
     Sparse `IndexedSlices` gradients (TF backend, `keras.layers.Embedding`) are
     densified: the trust ratio needs the norm of the whole update anyway, and
@@ -54,7 +92,7 @@ def dense_float32(gradient):
     """
     if hasattr(gradient, "indices") and hasattr(gradient, "dense_shape"):
         gradient = ops.add(gradient, 0.0)
-    return ops.cast(gradient, "float32")
+    return ops.cast(gradient, dtype)
 
 
 def _in_tf_replica_context():
@@ -107,7 +145,7 @@ def default_norm_method():
     `"matvec"` for TensorFlow on CPU (XLA:CPU reductions are serial loops;
     without XLA both methods cost the same), `"reduce"` elsewhere (JAX's
     XLA:CPU; on an H100 `"reduce"` and `"rows"` were within noise). See
-    the README's "Performance" section.
+    docs/performance.md.
     """
     if keras.backend.backend() == "tensorflow" and not on_accelerator():
         return "matvec"
@@ -132,11 +170,13 @@ class Segments:
 
     Per-segment values (norms, trust ratios) are scalars for one variable and
     `(count,)` vectors for several; `expand` broadcasts them over the
-    elements.
+    elements. `dtype` is the dtype the step is computed in.
     """
 
-    def __init__(self, sizes, norm_method, joint_norms=False):
+    def __init__(self, sizes, norm_method, joint_norms=False,
+                 dtype="float32"):
         self.count = len(sizes)
+        self.dtype = dtype
         self.norm_method = norm_method
         self.joint_norms = joint_norms
         self.ids = None
@@ -173,7 +213,9 @@ class Segments:
         return ops.take(value, self.ids)
 
     def ones(self):
-        return ops.ones(() if self.ids is None else (self.count,), "float32")
+        return ops.ones(
+            () if self.ids is None else (self.count,), self.dtype
+        )
 
 
 class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
@@ -183,10 +225,12 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
     rules (weight decay, layer adaptation) resolved once at `build` time, the
     opt-in trust-ratio statistics, and serialization.
 
-    Subclasses write their algorithm once, in `_layerwise_update`, on float32
-    tensors that hold either one variable or several small ones laid end to
-    end (see `Segments`, whose `norms` gives one norm per variable). This
-    class feeds it:
+    Subclasses write their algorithm once, in `_layerwise_update`, on tensors
+    that hold either one variable or several small ones laid end to end (see
+    `Segments`, whose `norms` gives one norm per variable). The step is
+    computed in float32 for float16, bfloat16 and float32 variables, and in
+    float64 for float64 variables (`trust_ratio.compute_dtype`). This class
+    feeds it:
 
     - `_backend_update_step` (the whole step, outside `tf.distribute`)
       computes the per-step scalars once and updates each variable, or, where
@@ -244,11 +288,10 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         adaptation_rule = ExclusionRule(
             exclude_from_layer_adaptation, "exclude_from_layer_adaptation"
         )
-        if not isinstance(track_trust_ratios, bool):
-            raise ValueError(
-                "Argument `track_trust_ratios` must be a bool. Received: "
-                f"track_trust_ratios={track_trust_ratios!r}"
-            )
+        track_trust_ratios = check_bool(
+            "track_trust_ratios", track_trust_ratios
+        )
+        kwargs = _check_base_arguments(kwargs)
         # weight_decay=None keeps the base class's decoupled decay off.
         super().__init__(
             learning_rate=learning_rate, weight_decay=None, name=name, **kwargs
@@ -261,6 +304,8 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
+        for variable in var_list:
+            self._check_trainable_dtype(variable)
         super().build(var_list)
         # Exclusions are resolved here, from the Keras variables: on the TF
         # backend `update_step` receives the raw tf.Variable, which has no path.
@@ -274,17 +319,44 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         self._stats = None
         if self.track_trust_ratios:
             self._stats = {
-                stat: [
-                    self.add_variable(
-                        shape=(),
-                        dtype="float32",
-                        initializer="zeros",
-                        name=f"{stat}_{v.name}",
-                    )
-                    for v in var_list
-                ]
+                stat: [self._add_stat(stat, v) for v in var_list]
                 for stat in STAT_NAMES
             }
+
+    def _check_trainable_dtype(self, variable):
+        """A `ValueError` unless the optimizer can step `variable`: its
+        fractional updates would be rounded on an integer variable (LAMB at
+        a tiny rate took 1 off every positive entry per step)."""
+        if _overwritten_with_gradient(variable):
+            return
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        if not dtype.startswith(("float", "bfloat")):
+            raise ValueError(
+                f"{self.__class__.__name__} can only train floating-point "
+                f"variables, but variable `{variable_path(variable)}` has "
+                f"dtype {dtype}. Make it non-trainable (`trainable=False`) "
+                "or give it a float dtype."
+            )
+
+    def _add_stat(self, stat, variable):
+        """The float32 scalar of `stat` for `variable`, `None` for the
+        variables the optimizer does not train (float8 scales and amax
+        histories, which Keras overwrites with their "gradients").
+
+        NaN until the variable's first update, so that a variable that never
+        got a gradient is not summarized as a zero ratio.
+        """
+        if _overwritten_with_gradient(variable):
+            return None
+        name = variable.name
+        if not hasattr(variable, "path"):  # a raw tf.Variable, "a/b:0"
+            name = re.sub(r"[^\w.-]", "_", variable_path(variable))
+        return self.add_variable(
+            shape=(),
+            dtype="float32",
+            initializer=keras.initializers.Constant(float("nan")),
+            name=f"{stat}_{name}",
+        )
 
     def _apply_weight_decay(self, variables):
         # Weight decay is applied inside `update_step`, inside the trust ratio.
@@ -298,7 +370,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         index, use_decay, use_adaptation = self._layer_flags(variable)
         self._update_units(
             [([index], [gradient], [variable], use_decay, use_adaptation)],
-            self._step_scalars(learning_rate),
+            learning_rate,
         )
 
     def _backend_apply_gradients(self, grads, trainable_variables):
@@ -330,10 +402,13 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         for grad, variable in zip(grads, trainable_variables):
             index, use_decay, use_adaptation = self._layer_flags(variable)
             if pack and math.prod(variable.shape) <= self._pack_max_size:
-                members = packs.setdefault((use_decay, use_adaptation), [])
+                # Packs hold variables of one compute dtype.
+                key = (use_decay, use_adaptation,
+                       compute_dtype(variable.dtype))
+                members = packs.setdefault(key, [])
                 members.append((index, grad, variable))
                 if len(members) == self._pack_max_count:
-                    del packs[(use_decay, use_adaptation)]
+                    del packs[key]
                     units.append(
                         _pack_unit(members, use_decay, use_adaptation)
                     )
@@ -341,9 +416,9 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                 units.append(
                     ([index], [grad], [variable], use_decay, use_adaptation)
                 )
-        for (use_decay, use_adaptation), members in packs.items():
+        for (use_decay, use_adaptation, _), members in packs.items():
             units.append(_pack_unit(members, use_decay, use_adaptation))
-        self._update_units(units, self._step_scalars(learning_rate))
+        self._update_units(units, learning_rate)
 
     def _whole_step_allowed(self):
         """Whether `_backend_update_step` may update all variables at once.
@@ -365,37 +440,42 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                 return False
         return True
 
-    def _update_units(self, units, scalars):
+    def _update_units(self, units, learning_rate):
         """Steps each unit: one variable, or several packed end to end.
 
         `units` holds `(indices, grads, variables, use_decay,
-        use_adaptation)`.
+        use_adaptation)`; the variables of a unit share a compute dtype.
         """
         norm_method = self._norm_method or default_norm_method()
         joint_norms = self._joint_norms
         if joint_norms is None:
             joint_norms = default_joint_norms()
+        scalars = {}  # per compute dtype, formed once per step
         for indices, grads, variables, use_decay, use_adaptation in units:
+            dtype = compute_dtype(variables[0].dtype)
+            if dtype not in scalars:
+                scalars[dtype] = self._step_scalars(learning_rate, dtype)
             slots = [self._slots(index) for index in indices]
             if len(variables) == 1:
-                w = ops.cast(variables[0], "float32")
+                w = ops.cast(variables[0], dtype)
                 # The static shape is lost when an IndexedSlices gradient is
                 # all-reduced and densified.
-                g = ops.reshape(dense_float32(grads[0]), tuple(w.shape))
-                state = [ops.cast(slot, "float32") for slot in slots[0]]
+                g = ops.reshape(dense_cast(grads[0], dtype), tuple(w.shape))
+                state = [ops.cast(slot, dtype) for slot in slots[0]]
             else:
-                g = _concat([dense_float32(grad) for grad in grads])
-                w = _concat([ops.cast(v, "float32") for v in variables])
+                g = _concat([dense_cast(grad, dtype) for grad in grads])
+                w = _concat([ops.cast(v, dtype) for v in variables])
                 state = [
-                    _concat([ops.cast(s[j], "float32") for s in slots])
+                    _concat([ops.cast(s[j], dtype) for s in slots])
                     for j in range(len(slots[0]))
                 ]
             segments = Segments(
                 [math.prod(v.shape) for v in variables], norm_method,
-                joint_norms,
+                joint_norms, dtype,
             )
             result = self._layerwise_update(
-                w, g, state, use_decay, use_adaptation, scalars, segments
+                w, g, state, use_decay, use_adaptation, scalars[dtype],
+                segments,
             )
             self._assign_unit(indices, variables, slots, segments, *result)
 
@@ -436,7 +516,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
 
     def _record_stats(self, index, **values):
         """Stores this step's norms and ratio when tracking is on."""
-        if self._stats is None:
+        if self._stats is None or self._stats[STAT_NAMES[0]][index] is None:
             return
         for stat in STAT_NAMES:
             self.assign(
@@ -458,7 +538,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         }
 
     def trust_ratio_stats(self):
-        """The last step's per-variable statistics, as Python floats.
+        """The last update's per-variable statistics, as Python floats.
 
         Returns:
             A dict `{variable.path: {"weight_norm", "update_norm",
@@ -466,6 +546,11 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             the trust ratio divides by (the gradient for LARS, the Adam update
             plus weight decay for LAMB) and `learning_rate` is the effective
             rate the variable moved with (global rate times trust ratio).
+            The values are those of each variable's last update, NaN before
+            its first. Only the variables the optimizer updates are listed:
+            not the float8 scales and amax histories of a quantized model,
+            which Keras overwrites with their gradients. A raw `tf.Variable`
+            is keyed by its name without `:0` (`trust_ratio.variable_path`).
             Requires `track_trust_ratios=True` and a built optimizer.
         """
         if not self.track_trust_ratios:
@@ -479,11 +564,26 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                 "The optimizer is not built yet: no step has been taken."
             )
         return {
-            v.path: {
+            variable_path(v): {
                 stat: float(ops.convert_to_numpy(self._stats[stat][i]))
                 for stat in STAT_NAMES
             }
-            for i, v in enumerate(self._trainable_variables)
+            for i, v in self._tracked_variables()
+        }
+
+    def _tracked_variables(self):
+        """`(index, variable)` of the variables whose statistics are kept."""
+        first = self._stats[STAT_NAMES[0]]
+        return [
+            (i, v) for i, v in enumerate(self._trainable_variables)
+            if first[i] is not None
+        ]
+
+    def _adaptation_by_path(self):
+        """`{path: uses layer adaptation}` of the tracked variables."""
+        return {
+            variable_path(v): self._apply_adaptation[i]
+            for i, v in self._tracked_variables()
         }
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
@@ -519,6 +619,12 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _overwritten_with_gradient(variable):
+    """Whether Keras assigns `variable` its gradient instead of stepping it
+    (float8 scales and amax histories); raw tf.Variables have no flag."""
+    return bool(getattr(variable, "overwrite_with_gradient", False))
 
 
 def _pack_unit(members, use_decay, use_adaptation):

@@ -12,7 +12,9 @@ All schedules take an integer step (the optimizer's `iterations`: int64 on
 TensorFlow, int32 on JAX) or a Python int, compare steps in that integer type
 so that steps beyond 2**31 stay exact, return a float32 scalar and use only
 `keras.ops` without Python control flow on tensors, so they run inside
-XLA-compiled training steps.
+XLA-compiled training steps. A Python (or NumPy) integer step is compared as
+a Python int, and the wrapped schedules get Python ints, so steps beyond
+2**31 are exact on every backend, JAX's 32-bit integers included.
 """
 
 import math
@@ -92,21 +94,52 @@ def _evaluate(schedule_or_value, step):
 
 
 def _as_step(step):
-    """The step as a tensor clipped at 0, in its own dtype.
+    """The step clipped at 0: a Python int for a Python or NumPy integer,
+    else a tensor in its own dtype.
 
     Integer steps stay integers: casting to float32 first would round steps
     above 2**24 and make boundary comparisons inexact; casting to int32 would
-    overflow at 2**31.
+    overflow at 2**31 (JAX has no int64 unless x64 is enabled).
     """
+    if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+        return max(int(step), 0)
     step = ops.convert_to_tensor(step)
     if "int" not in keras.backend.standardize_dtype(step.dtype):
         step = ops.cast(step, "float32")
     return ops.maximum(step, ops.zeros((), step.dtype))
 
 
+# Step arithmetic on a Python int step (exact at any size, no tensor) or on
+# a step tensor (compiled into the training step).
+
+
 def _constant_like(value, step):
-    """A step argument (<= 2**31 - 1, validated) in the dtype of `step`."""
+    """A step argument (<= 2**31 - 1, validated) in the type of `step`."""
+    if isinstance(step, int):
+        return value
     return ops.convert_to_tensor(value, step.dtype)
+
+
+def _maximum(a, b):
+    return max(a, b) if isinstance(a, int) else ops.maximum(a, b)
+
+
+def _minimum(a, b):
+    return min(a, b) if isinstance(a, int) else ops.minimum(a, b)
+
+
+def _less(a, b):
+    return a < b if isinstance(a, int) else ops.less(a, b)
+
+
+def _greater_equal(a, b):
+    return a >= b if isinstance(a, int) else ops.greater_equal(a, b)
+
+
+def _where(condition, x, y):
+    if isinstance(condition, bool):
+        return x if condition else y
+    return ops.where(condition, x, y)
 
 
 @keras.saving.register_keras_serializable(package="keras_lamb")
@@ -213,8 +246,8 @@ class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
                 schedule_step = step
                 end_of_warmup = warmup_steps
             else:
-                schedule_step = ops.maximum(step - warmup_steps, 0)
-                end_of_warmup = ops.zeros((), step.dtype)
+                schedule_step = _maximum(step - warmup_steps, 0)
+                end_of_warmup = _constant_like(0, step)
             after = _evaluate(self.schedule_or_value, schedule_step)
             if self.warmup_target is None:
                 target = _evaluate(self.schedule_or_value, end_of_warmup)
@@ -222,11 +255,11 @@ class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
                 target = ops.convert_to_tensor(self.warmup_target, "float32")
             # min() before the cast: exact, and the fraction never exceeds 1.
             fraction = ops.cast(
-                ops.minimum(step, warmup_steps), "float32"
+                _minimum(step, warmup_steps), "float32"
             ) / float(self.warmup_steps)
             initial = self.initial_learning_rate
             warm = initial + (target - initial) * fraction
-            return ops.where(ops.less(step, warmup_steps), warm, after)
+            return _where(_less(step, warmup_steps), warm, after)
 
     def get_config(self):
         return {
@@ -323,8 +356,8 @@ class PhasedSchedule(keras.optimizers.schedules.LearningRateSchedule):
             lr = _evaluate(self.schedules[0], step)
             for boundary, schedule in zip(self.boundaries, self.schedules[1:]):
                 start = _constant_like(boundary, step)
-                phase_lr = _evaluate(schedule, ops.maximum(step - start, 0))
-                lr = ops.where(ops.greater_equal(step, start), phase_lr, lr)
+                phase_lr = _evaluate(schedule, _maximum(step - start, 0))
+                lr = _where(_greater_equal(step, start), phase_lr, lr)
             return lr
 
     def get_config(self):

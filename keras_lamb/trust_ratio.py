@@ -7,16 +7,21 @@ that the two optimizers cannot drift apart.
 """
 
 import math
+import numbers
 import re
 
+import keras
+import numpy as np
 from keras import ops
 
 __all__ = [
     "ExclusionRule",
+    "compute_dtype",
     "l2_norm",
     "safe_trust_ratio",
     "sum_of_squares",
     "sums_of_squares",
+    "variable_path",
 ]
 
 SUM_OF_SQUARES_METHODS = ("reduce", "matvec", "rows")
@@ -24,17 +29,25 @@ SUM_OF_SQUARES_METHODS = ("reduce", "matvec", "rows")
 _MATVEC_MIN_SIZE = 4096
 
 
+def compute_dtype(dtype):
+    """The dtype a variable's step is computed in: float32 for float16,
+    bfloat16 and float32 variables, float64 for float64 ones."""
+    if keras.backend.standardize_dtype(dtype) == "float64":
+        return "float64"
+    return "float32"
+
+
 def l2_norm(x):
-    """Euclidean norm of all entries of `x`, computed in float32."""
-    x = ops.cast(x, "float32")
+    """Euclidean norm of all entries of `x`, in `compute_dtype(x.dtype)`."""
+    x = ops.cast(x, compute_dtype(x.dtype))
     return ops.sqrt(ops.sum(ops.square(x)))
 
 
 def sum_of_squares(x, method="reduce"):
-    """`sum(x**2)` over all entries of the float32 tensor `x`.
+    """`sum(x**2)` over all entries of the float32 (or float64) tensor `x`.
 
     Args:
-        x: a float32 tensor of static shape.
+        x: a float32 or float64 tensor of static shape.
         method: how the sum is formed; both agree up to float32 summation
             order.
             - `"reduce"`: `sum(square(x))`, one fused reduction (fastest
@@ -53,7 +66,8 @@ def sum_of_squares(x, method="reduce"):
 
 
 def sums_of_squares(tensors, method="reduce"):
-    """`sum_of_squares` of several float32 tensors of one shape, in one pass.
+    """`sum_of_squares` of several tensors of one shape and dtype, in one
+    pass.
 
     The squares are stacked and reduced together, so a compiler emits one
     reduction that reads each input once, whatever it makes of two sibling
@@ -81,7 +95,8 @@ def _sum_squares(squares, lead, shape, method):
     if method == "rows":
         return ops.sum(ops.sum(squares, axis=-1), axis=-1)
     products = ops.matmul(
-        ops.reshape(squares, (-1, rows[1])), ops.ones((rows[1],), "float32")
+        ops.reshape(squares, (-1, rows[1])),
+        ops.ones((rows[1],), squares.dtype),
     )
     return ops.sum(ops.reshape(products, lead + (rows[0],)), axis=-1)
 
@@ -127,14 +142,24 @@ def safe_trust_ratio(numerator, denominator, norms=None):
     return ops.where(positive, numerator / safe_denominator, 1.0)
 
 
+def variable_path(variable):
+    """`variable.path` of a Keras variable; for a raw `tf.Variable` (TF
+    custom loops), its name without the `:0` suffix (`"block1/kernel"`)."""
+    path = getattr(variable, "path", None)
+    if path:
+        return path
+    return re.sub(r":\d+$", "", variable.name)
+
+
 class ExclusionRule:
     """Decides which variables an optimizer feature skips.
 
     Args:
         spec: `None` (exclude nothing), a regular expression, a list of
             regular expressions (a variable is excluded when any of them is
-            found by `re.search` in `variable.path`, e.g. `"dense/bias"`), or a
-            callable `variable -> bool` that returns `True` to exclude.
+            found by `re.search` in `variable_path(variable)`, e.g.
+            `"dense/bias"`), or a callable `variable -> bool` that returns
+            `True` to exclude.
         argument: the name of the optimizer argument, used in error messages.
     """
 
@@ -175,10 +200,10 @@ class ExclusionRule:
         return self._callable is not None
 
     def excludes(self, variable):
-        """Whether `variable` (a Keras variable) is excluded."""
+        """Whether `variable` (a Keras or raw backend variable) is excluded."""
         if self._callable is not None:
             return bool(self._callable(variable))
-        path = getattr(variable, "path", None) or variable.name
+        path = variable_path(variable)
         return any(p.search(path) for p in self._patterns)
 
     def extended(self, patterns):
@@ -207,11 +232,28 @@ class ExclusionRule:
         return self.spec
 
 
+def is_real_number(value):
+    """Whether `value` is a real number: a Python or NumPy int or float,
+    not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
 def check_number(name, value, low=None, high=None, low_open=False,
-                 high_open=False):
-    """Raises `ValueError` unless `value` is a finite real in the range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value)
+                 high_open=False, allow_none=False):
+    """`value` as a Python float if it is a finite real in the range, else a
+    `ValueError` naming the argument, the range and the received value.
+
+    NumPy scalars (`np.float32(0.9)`, `np.int64(0)`) count as numbers, bools
+    do not. With `allow_none`, `None` is returned as is.
+    """
+    if value is None and allow_none:
+        return None
+    try:
+        ok = is_real_number(value) and math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        ok = False
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -226,13 +268,30 @@ def check_number(name, value, low=None, high=None, low_open=False,
     else:
         where = "a finite number"
     raise ValueError(
-        f"Argument `{name}` must be {where}. Received: {name}={value!r}"
+        f"Argument `{name}` must be {'None or ' if allow_none else ''}"
+        f"{where}. Received: {name}={value!r}"
+    )
+
+
+def check_integer(name, value, low, allow_none=False):
+    """`value` as a Python int if it is an integer >= `low` (Python or
+    NumPy, not a bool), else a `ValueError`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(
+        value, (bool, np.bool_)
+    ) and value >= low:
+        return int(value)
+    raise ValueError(
+        f"Argument `{name}` must be {'None or ' if allow_none else ''}an "
+        f"integer >= {low}. Received: {name}={value!r}"
     )
 
 
 def check_bool(name, value):
-    if not isinstance(value, bool):
+    """`value` as a Python bool if it is a Python or NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(
             f"Argument `{name}` must be a bool. Received: {name}={value!r}"
         )
-    return value
+    return bool(value)

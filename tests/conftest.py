@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 # Tolerances for comparing an optimizer run against the float64 reference,
 # by the dtype of the variables; one table for the whole suite.
 TOLERANCES = {
+    "float64": dict(rtol=1e-10, atol=1e-12),
     "float32": dict(rtol=2e-5, atol=2e-6),
     "float16": dict(rtol=2e-2, atol=2e-3),
     "bfloat16": dict(rtol=5e-2, atol=1e-2),

@@ -22,6 +22,7 @@ AGNOSTIC_MODULES = [
     "test_config_and_validation.py",
     "test_training.py",
     "test_fast_path.py",
+    "test_hardening.py",
 ]
 # Run as `python -c`, before pytest or Keras import anything: TensorFlow then
 # fails to import as it does where it is not installed.

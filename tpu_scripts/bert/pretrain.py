@@ -326,7 +326,7 @@ def make_training_optimizer(plan, track_trust_ratios=False,
     Clipping: keras_lamb's LAMB and LARS clip the all-reduced gradient under
     every strategy. Keras's AdamW and Adam clip each replica's gradient
     before the all-reduce, so with several replicas their `--clipnorm`
-    differs from one device's (see the README's "Distributed training").
+    differs from one device's (see docs/distributed.md).
     """
     return densify_sparse_gradients(
         make_optimizer(plan, track_trust_ratios, mixed_precision)
@@ -470,12 +470,11 @@ def trust_ratio_summary(optimizer):
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     if not getattr(inner, "track_trust_ratios", False):
         return None
-    stats = inner.trust_ratio_stats()
-    adapted = getattr(inner, "_apply_adaptation", None)
-    values = list(stats.values())
-    if adapted is not None and len(adapted) == len(values):
-        values = [v for v, a in zip(values, adapted) if a]
-    ratios = np.array([v["trust_ratio"] for v in values])
+    adapted = inner._adaptation_by_path()
+    ratios = np.array([
+        v["trust_ratio"] for path, v in inner.trust_ratio_stats().items()
+        if adapted.get(path) and np.isfinite(v["trust_ratio"])
+    ])  # NaN: not updated yet
     if not ratios.size:
         return None
     return dict(min=float(ratios.min()), median=float(np.median(ratios)),
