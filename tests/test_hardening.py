@@ -241,7 +241,6 @@ def float64_pair(name, path):
                               decay_mask=mask("bias"),
                               adapt_mask=mask("layer_norm"))
     optimizer._use_reference_path = path == "reference"
-    optimizer._pack_small_variables = path == "packed"
     return optimizer, reference
 
 
@@ -260,7 +259,7 @@ def max_relative_error(optimizer, reference, dtype, steps=3):
     return worst, variables
 
 
-@pytest.mark.parametrize("path", ["whole", "packed", "reference"])
+@pytest.mark.parametrize("path", ["whole", "reference"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_float64_variables_follow_a_float64_reference(name, path,
                                                       float64_enabled):
@@ -280,8 +279,8 @@ def test_float64_variables_follow_a_float64_reference(name, path,
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_zero_learning_rate_leaves_float64_variables_exactly(name,
                                                              float64_enabled):
-    """Also next to a float32 variable, packed together with it (packs hold
-    one compute dtype)."""
+    """Also next to a float32 variable (each compute dtype forms its own
+    step scalars)."""
     variables = make_variables("float64")
     with keras.name_scope("single"):
         variables.append(keras.Variable(np.full((3,), 0.1), dtype="float32",
@@ -289,7 +288,6 @@ def test_zero_learning_rate_leaves_float64_variables_exactly(name,
     before = [np.array(v) for v in variables]
     optimizer = OPTIMIZERS[name](learning_rate=0.0, weight_decay=0.1,
                                  track_trust_ratios=True)
-    optimizer._pack_small_variables = True
     for step in range(3):
         grads = make_gradients(step) + [np.ones(3)]
         optimizer.apply([keras.ops.convert_to_tensor(g, v.dtype)
