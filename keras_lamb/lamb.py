@@ -97,6 +97,10 @@ class LAMB(LayerwiseAdaptiveOptimizer):
     ... )
     """
 
+    # `update_norm` in `trust_ratio_stats()` is ||u||: the Adam step plus
+    # weight decay, before the trust ratio.
+    update_norm_of = "u"
+
     def __init__(
         self,
         learning_rate=1e-3,

@@ -100,6 +100,9 @@ class LARS(LayerwiseAdaptiveOptimizer):
     # (`layerwise.default_joint_norms`); LARS's norms read only w and g.
     _joint_norms = False
 
+    # `update_norm` in `trust_ratio_stats()` is ||g||, the gradient's norm.
+    update_norm_of = "g"
+
     def __init__(
         self,
         learning_rate=1.0,

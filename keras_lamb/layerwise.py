@@ -187,6 +187,10 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
     ratio), so the base class's decoupled weight decay is switched off.
     """
 
+    # What `update_norm` in `trust_ratio_stats()` is the norm of, as the
+    # symbol of the subclass's docstring: "g" (the gradient) or "u" (the
+    # update before the trust ratio).
+    update_norm_of = None
     _use_reference_path = False
     # `sum_of_squares` method; `None` picks `default_norm_method()`.
     _norm_method = None
@@ -398,16 +402,19 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         }
 
     def trust_ratio_stats(self):
-        """The last update's per-variable statistics, as Python floats.
+        """The last update's per-variable statistics, as Python values.
 
         Returns:
             A dict `{variable.path: {"weight_norm", "update_norm",
-            "trust_ratio", "learning_rate"}}`, where `update_norm` is the norm
-            the trust ratio divides by (the gradient for LARS, the Adam update
-            plus weight decay for LAMB) and `learning_rate` is the effective
-            rate the variable moved with (global rate times trust ratio).
-            The values are those of each variable's last update, NaN before
-            its first. Only the variables the optimizer updates are listed:
+            "trust_ratio", "learning_rate", "adapted"}}`. `update_norm` is
+            the norm the trust ratio divides by, that of `update_norm_of`
+            (the gradient `g` for LARS, the Adam update plus weight decay `u`
+            for LAMB); `learning_rate` is the effective rate the variable
+            moved with (global rate times trust ratio); `adapted` is `False`
+            for the variables excluded from layer adaptation, whose ratio is
+            1 by construction. The floats are those of each variable's last
+            update, NaN before its first, read from the device in one
+            transfer. Only the variables the optimizer updates are listed:
             not the float8 scales and amax histories of a quantized model,
             which Keras overwrites with their gradients. A raw `tf.Variable`
             is keyed by its name without `:0` (`trust_ratio.variable_path`).
@@ -423,12 +430,20 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 "The optimizer is not built yet: no step has been taken."
             )
+        tracked = self._tracked_variables()
+        if not tracked:
+            return {}
+        # One (variables, statistics) array, one device-to-host transfer.
+        values = ops.convert_to_numpy(ops.stack([
+            ops.stack([self._stats[stat][i].value for stat in STAT_NAMES])
+            for i, _ in tracked
+        ]))
         return {
-            variable_path(v): {
-                stat: float(ops.convert_to_numpy(self._stats[stat][i]))
-                for stat in STAT_NAMES
-            }
-            for i, v in self._tracked_variables()
+            variable_path(v): dict(
+                zip(STAT_NAMES, (float(x) for x in row)),
+                adapted=bool(self._apply_adaptation[i]),
+            )
+            for (i, v), row in zip(tracked, values)
         }
 
     def _tracked_variables(self):
@@ -438,13 +453,6 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             (i, v) for i, v in enumerate(self._trainable_variables)
             if first[i] is not None
         ]
-
-    def _adaptation_by_path(self):
-        """`{path: uses layer adaptation}` of the tracked variables."""
-        return {
-            variable_path(v): self._apply_adaptation[i]
-            for i, v in self._tracked_variables()
-        }
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """Adds regular expressions to the weight-decay exclusions.
