@@ -172,16 +172,20 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
 
     Subclasses write their algorithm once, in `_layerwise_update`, on one
     variable's tensors; its `norms(*tensors)` argument returns their Euclidean
-    norms in the form measured fastest where the step runs
-    (`_norms`). The step is computed in float32 for float16,
-    bfloat16 and float32 variables, and in float64 for float64 variables
-    (`trust_ratio.compute_dtype`). This class feeds it:
+    norms in the form measured fastest where the step runs (`_norms`). The
+    step is computed in float32 for float16, bfloat16 and float32 variables,
+    and in float64 for float64 variables (`trust_ratio.compute_dtype`). This
+    class feeds it:
 
     - `_backend_update_step` (the whole step, outside `tf.distribute`)
       computes the per-step scalars once and updates each variable;
     - `update_step` (one variable; Keras calls it per variable inside
       `tf.distribute` strategies, and subclasses may override it) updates one
       variable.
+
+    The private flag `_use_reference_path = True` makes every step go through
+    `_reference_update_step`, the papers' equations written out per variable,
+    against which the tests check the fast path.
 
     Weight decay here is part of the layer-wise update (it enters the trust
     ratio), so the base class's decoupled weight decay is switched off.

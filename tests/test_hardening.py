@@ -17,6 +17,7 @@ import pytest
 import keras_lamb
 from conftest import BACKEND, TOLERANCES, make_gradients, make_variables, mask
 from keras_lamb.callbacks import TrustRatioMonitor
+from keras_lamb.layerwise import STAT_NAMES
 from keras_lamb.schedules import (
     PhasedSchedule,
     WarmUp,
@@ -195,7 +196,8 @@ def test_statistics_are_nan_until_a_variable_is_updated():
     optimizer.apply([keras.ops.ones((2,)), None], [used, unused])
     stats = optimizer.trust_ratio_stats()
     assert stats[used.path]["weight_norm"] == pytest.approx(5.0)
-    assert all(math.isnan(v) for v in stats[unused.path].values())
+    assert all(math.isnan(stats[unused.path][stat]) for stat in STAT_NAMES)
+    assert stats[unused.path]["adapted"] is True
 
 
 # ---------------------------------------------------------------------------
