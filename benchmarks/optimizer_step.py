@@ -72,17 +72,13 @@ KERAS_OPTIMIZERS = [
 ]
 OPTAX_OPTIMIZERS = ["optax.lamb", "optax.lars", "optax.adam"]
 # Variants of keras_lamb's step, chosen by its private switches: the
-# per-variable reference path (the code before the fast path), the fast path
-# with small variables packed or not (and in packs of any length), each way of
+# per-variable reference path (the code before the fast path), each way of
 # computing the norms (the defaults depend on the backend and device), both
-# norms in one stacked reduction or in two, and no exclusions (every variable decayed
-# and adapted, so packs hold adapted variables too). Variants combine with
-# `+`: `keras_lamb.LAMB[adapt-all+unpacked]`.
+# norms in one stacked reduction or in two, and no exclusions (every variable
+# decayed and adapted). Variants combine with `+`:
+# `keras_lamb.LAMB[adapt-all+joint]`.
 VARIANTS = {
     "reference": {"_use_reference_path": True},
-    "packed": {"_pack_small_variables": True},
-    "unpacked": {"_pack_small_variables": False},
-    "packall": {"_pack_small_variables": True, "_pack_max_count": 1 << 30},
     "reduce": {"_norm_method": "reduce"},
     "matvec": {"_norm_method": "matvec"},
     "rows": {"_norm_method": "rows"},
@@ -136,12 +132,11 @@ def define_flags():
         "--optimizers", default=",".join(KERAS_OPTIMIZERS + OPTAX_OPTIMIZERS),
         help="comma-separated optimizers from " + ", ".join(ALL_OPTIMIZERS)
         + " (optax ones run on the JAX backend only; `[reference]` is the "
-        "per-variable reference path of keras_lamb, `[packed]`, "
-        "`[unpacked]` and `[packall]` force small-variable packing on, off "
-        "or in packs of any length, `[reduce]`, `[matvec]` and `[rows]` "
-        "force a way of computing the norms, `[joint]` and `[separate]` "
-        "reduce both norms in one pass or in two, `[adapt-all]` drops the exclusions; combine variants "
-        "with `+`, e.g. `keras_lamb.LAMB[adapt-all+unpacked]`).")
+        "per-variable reference path of keras_lamb, `[reduce]`, `[matvec]` "
+        "and `[rows]` force a way of computing the norms, `[joint]` and "
+        "`[separate]` reduce both norms in one pass or in two, "
+        "`[adapt-all]` drops the exclusions; combine variants with `+`, "
+        "e.g. `keras_lamb.LAMB[adapt-all+joint]`).")
     parser.add_argument(
         "--xla", choices=["on", "off", "both"], default="both",
         help="TensorFlow backend: compile the step with XLA or not.")

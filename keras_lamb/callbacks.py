@@ -9,7 +9,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lamb.lars import LARS
 from keras_lamb.layerwise import STAT_NAMES, LayerwiseAdaptiveOptimizer
 
 __all__ = ["TrustRatioMonitor"]
@@ -51,15 +50,15 @@ class TrustRatioMonitor(keras.callbacks.Callback):
     of a quantized model), its last update's `weight_norm` ||w||,
     `update_norm` (||g|| for LARS, ||u|| = ||Adam step + weight decay|| for
     LAMB), `trust_ratio` and effective `learning_rate` (global rate times
-    ratio); NaN for a variable that has had no gradient yet.
-    Nothing is recomputed: the optimizer stores them in the step it already
+    ratio); NaN for a variable that has had no gradient yet; and whether it
+    is `adapted` (not excluded from layer adaptation). Nothing is recomputed: the optimizer stores them in the step it already
     takes, so under `MirroredStrategy` they are the values computed from the
     all-reduced gradients, the same on every replica, and they work in
     XLA-compiled steps (`jit_compile=True`).
 
     Every `every_n_steps` optimizer steps (and at step 1) the monitor appends
     `(step, stats)` to `records`, where `step` is `optimizer.iterations`
-    after the update and `stats` is `{variable.path: {stat: float}}`; only
+    after the update and `stats` is `optimizer.trust_ratio_stats()`; only
     real updates count (with `gradient_accumulation_steps`, the micro-steps
     in between are not steps). At each epoch end it adds `trust_ratio/min`,
     `trust_ratio/median` and `trust_ratio/max` over the updated variables
@@ -72,9 +71,9 @@ class TrustRatioMonitor(keras.callbacks.Callback):
 
     Between records the monitor reads nothing from the devices: it counts
     batches on the host and reads `optimizer.iterations` only when a record
-    may be due. Each record copies four scalars per variable to the host (and,
-    on JAX, re-attaches the model's state to its variables, which `fit` does
-    only once per epoch), so keep `every_n_steps` in the tens or hundreds for
+    may be due. Each record copies four scalars per variable to the host in
+    one transfer (and, on JAX, re-attaches the model's state to its
+    variables, which `fit` does only once per epoch), so keep `every_n_steps` in the tens or hundreds for
     large models.
 
     Args:
@@ -148,10 +147,11 @@ class TrustRatioMonitor(keras.callbacks.Callback):
 
     @property
     def update_symbol(self):
-        """`"g"` for LARS, `"u"` for LAMB: what `update_norm` is the norm of."""
+        """What `update_norm` is the norm of (the optimizer's
+        `update_norm_of`: `"g"` for LARS, `"u"` for LAMB)."""
         if self._optimizer is None:
             return None
-        return "g" if isinstance(self._optimizer, LARS) else "u"
+        return self._optimizer.update_norm_of
 
     def on_train_begin(self, logs=None):
         self._optimizer = unwrap_optimizer(self.model.optimizer)
@@ -246,10 +246,8 @@ class TrustRatioMonitor(keras.callbacks.Callback):
         would pull the summary towards 1. Variables not updated yet (NaN, no
         gradient so far) are left out.
         """
-        adapted = self._optimizer._adaptation_by_path()
         ratios = np.array(
-            [s["trust_ratio"] for path, s in stats.items()
-             if adapted.get(path, True)],
+            [s["trust_ratio"] for s in stats.values() if s["adapted"]],
             dtype="float64",
         )
         return ratios[~np.isnan(ratios)]

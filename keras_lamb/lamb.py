@@ -97,6 +97,10 @@ class LAMB(LayerwiseAdaptiveOptimizer):
     ... )
     """
 
+    # `update_norm` in `trust_ratio_stats()` is ||u||: the Adam step plus
+    # weight decay, before the trust ratio.
+    update_norm_of = "u"
+
     def __init__(
         self,
         learning_rate=1e-3,
@@ -162,8 +166,8 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         return scalars
 
     def _layerwise_update(self, w, g, state, use_decay, use_adaptation,
-                          scalars, segments):
-        """The step of `w`: one variable, or several laid end to end.
+                          scalars, norms):
+        """The step of one variable `w`; `norms(*tensors)` gives norms.
 
         Returns `(new_w, [m, v], stats)`, `stats` being `None` unless
         tracking. The update is kept as `u = c_1 * e` so that `c_1`
@@ -180,13 +184,13 @@ class LAMB(LayerwiseAdaptiveOptimizer):
             e = e + (self.weight_decay / c1) * w  # u / c_1
         w_norm = u_norm = None
         if use_adaptation or self._stats is not None:
-            w_norm, e_norm = segments.norms(w, e)
+            w_norm, e_norm = norms(w, e)
             u_norm = c1 * e_norm
         ratio = 1.0
         if use_adaptation:
             ratio = self._trust_ratio(w_norm, u_norm)
-        new_w = w - segments.expand(lr * c1 * ratio) * e
-        stats = self._stats_values(w_norm, u_norm, ratio, lr, segments)
+        new_w = w - (lr * c1 * ratio) * e
+        stats = self._stats_values(w_norm, u_norm, ratio, lr)
         return new_w, [m, v], stats
 
     def _trust_ratio(self, w_norm, u_norm):

@@ -100,6 +100,9 @@ class LARS(LayerwiseAdaptiveOptimizer):
     # (`layerwise.default_joint_norms`); LARS's norms read only w and g.
     _joint_norms = False
 
+    # `update_norm` in `trust_ratio_stats()` is ||g||, the gradient's norm.
+    update_norm_of = "g"
+
     def __init__(
         self,
         learning_rate=1.0,
@@ -150,8 +153,8 @@ class LARS(LayerwiseAdaptiveOptimizer):
         return {"lr": ops.cast(learning_rate, dtype)}
 
     def _layerwise_update(self, w, g, state, use_decay, use_adaptation,
-                          scalars, segments):
-        """The step of `w`: one variable, or several laid end to end.
+                          scalars, norms):
+        """The step of one variable `w`; `norms(*tensors)` gives norms.
 
         Returns `(new_w, [v], stats)`, `stats` being `None` unless tracking.
         """
@@ -160,18 +163,18 @@ class LARS(LayerwiseAdaptiveOptimizer):
         wd = self.weight_decay if use_decay else 0.0
         w_norm = g_norm = None
         if use_adaptation or self._stats is not None:
-            w_norm, g_norm = segments.norms(w, g)
+            w_norm, g_norm = norms(w, g)
         ratio = 1.0
         if use_adaptation:
             ratio = self._trust_ratio(w_norm, g_norm, wd, lr)
-        step_size = segments.expand(lr * ratio)
+        step_size = lr * ratio
         step = step_size * (g + wd * w) if use_decay else step_size * g
         v = self.momentum * v + step  # v_t
         if self.nesterov:
             new_w = w - (self.momentum * v + step)
         else:
             new_w = w - v
-        stats = self._stats_values(w_norm, g_norm, ratio, lr, segments)
+        stats = self._stats_values(w_norm, g_norm, ratio, lr)
         return new_w, [v], stats
 
     def _trust_ratio(self, w_norm, g_norm, wd, lr):

@@ -1,11 +1,9 @@
 """Base class of the layer-wise adaptive optimizers (LAMB, LARS)."""
 
 import functools
-import math
 import re
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_lamb.trust_ratio import (
@@ -21,17 +19,6 @@ from keras_lamb.trust_ratio import (
 )
 
 STAT_NAMES = ("weight_norm", "update_norm", "trust_ratio", "learning_rate")
-
-# Where packing is on (`_pack_small_variables`), variables with at
-# most this many values (biases, LayerNorm and BatchNorm scales) of equal
-# exclusion flags are updated together, laid end to end in one vector, so
-# that a step over hundreds of them is a few kernels rather than hundreds.
-PACK_MAX_SIZE = 1 << 16
-# At most this many variables per pack: XLA fuses the concatenation of a pack
-# into the kernel of each variable it writes back, so its compile time grows
-# with (packed variables) x (pack length).
-PACK_MAX_COUNT = 16
-
 
 def _check_learning_rate(learning_rate):
     if is_real_number(learning_rate):
@@ -165,57 +152,15 @@ def default_joint_norms():
     return on_accelerator()
 
 
-class Segments:
-    """One variable, or several small ones laid end to end in one vector.
+def _norms(*tensors, norm_method, joint_norms=False):
+    """The Euclidean norm of each tensor in `tensors`.
 
-    Per-segment values (norms, trust ratios) are scalars for one variable and
-    `(count,)` vectors for several; `expand` broadcasts them over the
-    elements. `dtype` is the dtype the step is computed in.
+    `norm_method` is a `sum_of_squares` method; `joint_norms` reduces the
+    tensors in one stacked pass (`sums_of_squares`).
     """
-
-    def __init__(self, sizes, norm_method, joint_norms=False,
-                 dtype="float32"):
-        self.count = len(sizes)
-        self.dtype = dtype
-        self.norm_method = norm_method
-        self.joint_norms = joint_norms
-        self.ids = None
-        if self.count > 1:
-            self.ids = ops.convert_to_tensor(
-                np.repeat(np.arange(self.count, dtype="int32"), sizes)
-            )
-
-    def norms(self, *tensors):
-        """The Euclidean norm of each segment of each tensor."""
-        if self.ids is None:
-            if self.joint_norms and len(tensors) > 1:
-                return tuple(
-                    ops.sqrt(s)
-                    for s in sums_of_squares(tensors, self.norm_method)
-                )
-            return tuple(
-                ops.sqrt(sum_of_squares(x, self.norm_method)) for x in tensors
-            )
-        return tuple(
-            ops.sqrt(
-                ops.segment_sum(
-                    ops.square(x), self.ids, num_segments=self.count
-                )
-            )
-            for x in tensors
-        )
-
-    def expand(self, value):
-        if self.ids is None or not hasattr(value, "shape") or (
-            len(value.shape) == 0
-        ):
-            return value
-        return ops.take(value, self.ids)
-
-    def ones(self):
-        return ops.ones(
-            () if self.ids is None else (self.count,), self.dtype
-        )
+    if joint_norms and len(tensors) > 1:
+        return tuple(ops.sqrt(s) for s in sums_of_squares(tensors, norm_method))
+    return tuple(ops.sqrt(sum_of_squares(x, norm_method)) for x in tensors)
 
 
 class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
@@ -225,17 +170,15 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
     rules (weight decay, layer adaptation) resolved once at `build` time, the
     opt-in trust-ratio statistics, and serialization.
 
-    Subclasses write their algorithm once, in `_layerwise_update`, on tensors
-    that hold either one variable or several small ones laid end to end (see
-    `Segments`, whose `norms` gives one norm per variable). The step is
-    computed in float32 for float16, bfloat16 and float32 variables, and in
-    float64 for float64 variables (`trust_ratio.compute_dtype`). This class
-    feeds it:
+    Subclasses write their algorithm once, in `_layerwise_update`, on one
+    variable's tensors; its `norms(*tensors)` argument returns their Euclidean
+    norms in the form measured fastest where the step runs (`_norms`). The
+    step is computed in float32 for float16, bfloat16 and float32 variables,
+    and in float64 for float64 variables (`trust_ratio.compute_dtype`). This
+    class feeds it:
 
     - `_backend_update_step` (the whole step, outside `tf.distribute`)
-      computes the per-step scalars once and updates each variable, or, where
-      packing is on (`_pack_small_variables`), each pack of small variables
-      of equal exclusion flags;
+      computes the per-step scalars once and updates each variable;
     - `update_step` (one variable; Keras calls it per variable inside
       `tf.distribute` strategies, and subclasses may override it) updates one
       variable.
@@ -248,25 +191,16 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
     ratio), so the base class's decoupled weight decay is switched off.
     """
 
+    # What `update_norm` in `trust_ratio_stats()` is the norm of, as the
+    # symbol of the subclass's docstring: "g" (the gradient) or "u" (the
+    # update before the trust ratio).
+    update_norm_of = None
     _use_reference_path = False
     # `sum_of_squares` method; `None` picks `default_norm_method()`.
     _norm_method = None
     # Reduce both norms of a variable in one stacked reduction; `None` picks
     # `default_joint_norms()`.
     _joint_norms = None
-    # Pack small variables (biases, normalization scales) end to end. Off:
-    # measured slower everywhere. CPU (BERT-base shapes, TensorFlow without
-    # XLA): LAMB 1.48x Keras Adam unpacked, 1.48-1.55x packed, and longer XLA
-    # compiles (13 s -> 18 s), since XLA fuses a pack's concatenation into
-    # the kernel of every variable written back from it. H100 (JAX):
-    # ResNet-50 LARS 1.17 ms unpacked, 3.57 ms packed; BERT-large LAMB 9.6
-    # vs 10.4 ms, because XLA copies the pieces of each pack into the
-    # variables' buffers. Kept for measuring other devices
-    # (`benchmarks/optimizer_step.py`, `[packed]`).
-    _pack_small_variables = False
-    _pack_max_size = PACK_MAX_SIZE
-    _pack_max_count = PACK_MAX_COUNT
-
     def __init__(
         self,
         learning_rate,
@@ -367,11 +301,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             return self._reference_update_step(
                 gradient, variable, learning_rate
             )
-        index, use_decay, use_adaptation = self._layer_flags(variable)
-        self._update_units(
-            [([index], [gradient], [variable], use_decay, use_adaptation)],
-            learning_rate,
-        )
+        self._update_variables([gradient], [variable], learning_rate)
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         if _in_tf_replica_context():
@@ -397,28 +327,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             return super()._backend_update_step(
                 grads, trainable_variables, learning_rate
             )
-        pack = self._pack_small_variables
-        units, packs = [], {}
-        for grad, variable in zip(grads, trainable_variables):
-            index, use_decay, use_adaptation = self._layer_flags(variable)
-            if pack and math.prod(variable.shape) <= self._pack_max_size:
-                # Packs hold variables of one compute dtype.
-                key = (use_decay, use_adaptation,
-                       compute_dtype(variable.dtype))
-                members = packs.setdefault(key, [])
-                members.append((index, grad, variable))
-                if len(members) == self._pack_max_count:
-                    del packs[key]
-                    units.append(
-                        _pack_unit(members, use_decay, use_adaptation)
-                    )
-            else:
-                units.append(
-                    ([index], [grad], [variable], use_decay, use_adaptation)
-                )
-        for (use_decay, use_adaptation, _), members in packs.items():
-            units.append(_pack_unit(members, use_decay, use_adaptation))
-        self._update_units(units, learning_rate)
+        self._update_variables(grads, trainable_variables, learning_rate)
 
     def _whole_step_allowed(self):
         """Whether `_backend_update_step` may update all variables at once.
@@ -440,74 +349,35 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                 return False
         return True
 
-    def _update_units(self, units, learning_rate):
-        """Steps each unit: one variable, or several packed end to end.
-
-        `units` holds `(indices, grads, variables, use_decay,
-        use_adaptation)`; the variables of a unit share a compute dtype.
-        """
-        norm_method = self._norm_method or default_norm_method()
-        joint_norms = self._joint_norms
-        if joint_norms is None:
-            joint_norms = default_joint_norms()
+    def _update_variables(self, grads, variables, learning_rate):
+        """Steps each variable with its gradient."""
+        norms = functools.partial(
+            _norms, norm_method=self._norm_method or default_norm_method(),
+            joint_norms=(default_joint_norms() if self._joint_norms is None
+                         else self._joint_norms),
+        )
         scalars = {}  # per compute dtype, formed once per step
-        for indices, grads, variables, use_decay, use_adaptation in units:
-            dtype = compute_dtype(variables[0].dtype)
+        for grad, variable in zip(grads, variables):
+            index, use_decay, use_adaptation = self._layer_flags(variable)
+            dtype = compute_dtype(variable.dtype)
             if dtype not in scalars:
                 scalars[dtype] = self._step_scalars(learning_rate, dtype)
-            slots = [self._slots(index) for index in indices]
-            if len(variables) == 1:
-                w = ops.cast(variables[0], dtype)
-                # The static shape is lost when an IndexedSlices gradient is
-                # all-reduced and densified.
-                g = ops.reshape(dense_cast(grads[0], dtype), tuple(w.shape))
-                state = [ops.cast(slot, dtype) for slot in slots[0]]
-            else:
-                g = _concat([dense_cast(grad, dtype) for grad in grads])
-                w = _concat([ops.cast(v, dtype) for v in variables])
-                state = [
-                    _concat([ops.cast(s[j], dtype) for s in slots])
-                    for j in range(len(slots[0]))
-                ]
-            segments = Segments(
-                [math.prod(v.shape) for v in variables], norm_method,
-                joint_norms, dtype,
+            slots = self._slots(index)
+            w = ops.cast(variable, dtype)
+            # The static shape is lost when an IndexedSlices gradient is
+            # all-reduced and densified.
+            g = ops.reshape(dense_cast(grad, dtype), tuple(w.shape))
+            state = [ops.cast(slot, dtype) for slot in slots]
+            new_w, new_state, stats = self._layerwise_update(
+                w, g, state, use_decay, use_adaptation, scalars[dtype], norms
             )
-            result = self._layerwise_update(
-                w, g, state, use_decay, use_adaptation, scalars[dtype],
-                segments,
-            )
-            self._assign_unit(indices, variables, slots, segments, *result)
-
-    def _assign_unit(self, indices, variables, slots, segments, new_w,
-                     new_state, stats):
-        # Statistics first: on eager TF `w` still aliases the variable.
-        if stats is not None:
-            for k, index in enumerate(indices):
-                self._record_stats(
-                    index,
-                    **{
-                        name: value[k] if segments.count > 1 else value
-                        for name, value in stats.items()
-                    },
-                )
-        # Slots before the variables, as in the reference path.
-        targets = list(zip(new_state, zip(*slots))) + [(new_w, variables)]
-        for value, destinations in targets:
-            if len(destinations) == 1:
-                destination = destinations[0]
+            # Statistics first: on eager TF `w` still aliases the variable.
+            if stats is not None:
+                self._record_stats(index, **stats)
+            # Slots before the variable, as in the reference path.
+            for destination, value in zip(slots + [variable],
+                                          new_state + [new_w]):
                 self.assign(destination, ops.cast(value, destination.dtype))
-                continue
-            sizes = [math.prod(d.shape) for d in destinations]
-            parts = ops.split(value, np.cumsum(sizes)[:-1].tolist())
-            for part, destination in zip(parts, destinations):
-                self.assign(
-                    destination,
-                    ops.cast(
-                        ops.reshape(part, tuple(destination.shape)),
-                        destination.dtype,
-                    ),
-                )
 
     def _layer_flags(self, variable):
         """`(index, use_weight_decay, use_layer_adaptation)` of a variable."""
@@ -524,12 +394,10 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                 ops.cast(ops.convert_to_tensor(values[stat]), "float32"),
             )
 
-    def _stats_values(self, w_norm, update_norm, ratio, lr, segments):
+    def _stats_values(self, w_norm, update_norm, ratio, lr):
         """The statistics of `_record_stats`, or `None` when not tracking."""
         if self._stats is None:
             return None
-        if not hasattr(ratio, "shape") or len(ratio.shape) == 0:
-            ratio = ratio * segments.ones()
         return {
             "weight_norm": w_norm,
             "update_norm": update_norm,
@@ -538,16 +406,19 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         }
 
     def trust_ratio_stats(self):
-        """The last update's per-variable statistics, as Python floats.
+        """The last update's per-variable statistics, as Python values.
 
         Returns:
             A dict `{variable.path: {"weight_norm", "update_norm",
-            "trust_ratio", "learning_rate"}}`, where `update_norm` is the norm
-            the trust ratio divides by (the gradient for LARS, the Adam update
-            plus weight decay for LAMB) and `learning_rate` is the effective
-            rate the variable moved with (global rate times trust ratio).
-            The values are those of each variable's last update, NaN before
-            its first. Only the variables the optimizer updates are listed:
+            "trust_ratio", "learning_rate", "adapted"}}`. `update_norm` is
+            the norm the trust ratio divides by, that of `update_norm_of`
+            (the gradient `g` for LARS, the Adam update plus weight decay `u`
+            for LAMB); `learning_rate` is the effective rate the variable
+            moved with (global rate times trust ratio); `adapted` is `False`
+            for the variables excluded from layer adaptation, whose ratio is
+            1 by construction. The floats are those of each variable's last
+            update, NaN before its first, read from the device in one
+            transfer. Only the variables the optimizer updates are listed:
             not the float8 scales and amax histories of a quantized model,
             which Keras overwrites with their gradients. A raw `tf.Variable`
             is keyed by its name without `:0` (`trust_ratio.variable_path`).
@@ -563,12 +434,20 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 "The optimizer is not built yet: no step has been taken."
             )
+        tracked = self._tracked_variables()
+        if not tracked:
+            return {}
+        # One (variables, statistics) array, one device-to-host transfer.
+        values = ops.convert_to_numpy(ops.stack([
+            ops.stack([self._stats[stat][i].value for stat in STAT_NAMES])
+            for i, _ in tracked
+        ]))
         return {
-            variable_path(v): {
-                stat: float(ops.convert_to_numpy(self._stats[stat][i]))
-                for stat in STAT_NAMES
-            }
-            for i, v in self._tracked_variables()
+            variable_path(v): dict(
+                zip(STAT_NAMES, (float(x) for x in row)),
+                adapted=bool(self._apply_adaptation[i]),
+            )
+            for (i, v), row in zip(tracked, values)
         }
 
     def _tracked_variables(self):
@@ -578,13 +457,6 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             (i, v) for i, v in enumerate(self._trainable_variables)
             if first[i] is not None
         ]
-
-    def _adaptation_by_path(self):
-        """`{path: uses layer adaptation}` of the tracked variables."""
-        return {
-            variable_path(v): self._apply_adaptation[i]
-            for i, v in self._tracked_variables()
-        }
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """Adds regular expressions to the weight-decay exclusions.
@@ -625,12 +497,3 @@ def _overwritten_with_gradient(variable):
     """Whether Keras assigns `variable` its gradient instead of stepping it
     (float8 scales and amax histories); raw tf.Variables have no flag."""
     return bool(getattr(variable, "overwrite_with_gradient", False))
-
-
-def _pack_unit(members, use_decay, use_adaptation):
-    indices, grads, variables = zip(*members)
-    return (indices, grads, variables, use_decay, use_adaptation)
-
-
-def _concat(tensors):
-    return ops.concatenate([ops.reshape(t, (-1,)) for t in tensors], axis=0)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "optimizer_step.py")
 OPTIMIZERS = ["keras_lamb.LAMB", "keras_lamb.LARS", "keras.Adam",
@@ -65,3 +67,48 @@ def test_benchmark_rejects_unknown_optimizers():
         )
         assert result.returncode == 2, name
         assert "unknown optimizers" in result.stderr, result.stderr
+
+
+TRAIN_STEP = os.path.join(os.path.dirname(HERE), "benchmarks", "train_step.py")
+
+
+def test_train_step_smoke(tmp_path):
+    """The end-to-end benchmark fits a tiny ResNet (keras-hub, XLA) with
+    LARS and SGD-momentum and times the optimizer alone on its variables.
+    (`--models bert` runs the same code on a tiny BERT masked LM; it is left
+    out here to keep the suite fast.)"""
+    jsonl, markdown = tmp_path / "out.jsonl", tmp_path / "out.md"
+    result = subprocess.run(
+        [sys.executable, TRAIN_STEP, "--smoke", "--models", "resnet",
+         "--jsonl", str(jsonl), "--markdown", str(markdown)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert records[0]["kind"] == "run"
+    steps = {r["optimizer"]: r for r in records
+             if r.get("kind") == "train_step"}
+    assert set(steps) == {"keras_lamb.LARS", "keras.SGD-momentum"}
+    for r in steps.values():
+        assert r["model"] == "resnet" and r["size"] == "smoke"
+        assert r["step_ms"] > 0 and r["optimizer_ms"] > 0
+        assert r["ref"] == "keras.SGD-momentum" and r["n_params"] > 1000
+        assert r["optimizer_share_percent"] == pytest.approx(
+            100 * r["optimizer_ms"] / r["step_ms"])
+    assert steps["keras.SGD-momentum"]["x_ref"] == 1.0
+    lars = steps["keras_lamb.LARS"]
+    assert lars["extra_percent"] == pytest.approx(100 * (lars["x_ref"] - 1))
+    table = markdown.read_text()
+    assert table.count("| resnet (smoke) |") == 2
+    assert table in result.stdout
+
+
+def test_train_step_rejects_bad_flags():
+    for flags, message in [(["--models", "gpt"], "--models"),
+                           (["--steps", "0"], "--steps")]:
+        result = subprocess.run(
+            [sys.executable, TRAIN_STEP, *flags],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 2, flags
+        assert message in result.stderr, result.stderr

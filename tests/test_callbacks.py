@@ -304,3 +304,34 @@ def test_mirrored_strategy_values_are_all_reduced():
             for stat, value in m_stats[path].items():
                 assert value == pytest.approx(
                     s_stats[path][stat], rel=1e-5), (path, stat)
+
+
+def test_monitor_reads_only_public_attributes_of_any_subclass():
+    """A LARS subclass that redefines `update_norm_of`, and the BERT script's
+    summary, both go by `trust_ratio_stats()["adapted"]` and the class
+    attribute, not by private lists or `isinstance` checks."""
+    from tpu_scripts.bert_pretraining import trust_ratio_summary
+
+    class ScaledLARS(keras_lamb.LARS):
+        update_norm_of = "g_scaled"
+
+    model = make_model()
+    x, y = make_data()
+    model.compile(ScaledLARS(learning_rate=0.5, weight_decay=WD,
+                             exclude_from_layer_adaptation="out/bias",
+                             track_trust_ratios=True), loss="mse")
+    monitor = TrustRatioMonitor()
+    history = model.fit(x, y, batch_size=16, epochs=1, callbacks=[monitor],
+                        verbose=0)
+    assert monitor.update_symbol == "g_scaled"
+    stats = model.optimizer.trust_ratio_stats()
+    assert [p for p, s in stats.items() if not s["adapted"]] == [
+        "net/out/bias"]
+    adapted = [s["trust_ratio"] for s in stats.values() if s["adapted"]]
+    assert history.history["trust_ratio/max"] == [pytest.approx(max(adapted))]
+    summary = trust_ratio_summary(
+        keras.optimizers.LossScaleOptimizer(model.optimizer))
+    assert summary == pytest.approx(dict(
+        min=min(adapted), median=np.median(adapted), max=max(adapted)))
+    # The excluded bias (ratio 1) is left out of both.
+    assert stats["net/out/bias"]["trust_ratio"] == 1.0 > max(adapted)

@@ -1,7 +1,6 @@
 """The fast path of LAMB and LARS equals their per-variable reference path.
 
-The optimizers step all variables at once (norms computed together, small
-variables optionally packed end to end) or, inside `tf.distribute`, one
+The optimizers step all variables in one call or, inside `tf.distribute`, one
 variable at a time; the private flag `_use_reference_path` selects the papers'
 equations written out per variable. These tests run all of them on the same
 variables and gradients. Backend-agnostic: runs under TensorFlow and again
@@ -15,7 +14,6 @@ import pytest
 import keras_lamb
 from conftest import TOLERANCES
 from keras_lamb import layerwise
-from keras_lamb.layerwise import PACK_MAX_SIZE, Segments
 from keras_lamb.trust_ratio import (
     SUM_OF_SQUARES_METHODS,
     sum_of_squares,
@@ -25,7 +23,7 @@ from keras_lamb.trust_ratio import (
 # Edge cases first, then random shapes: a scalar, one element, a zero
 # variable, a zero gradient (no weight decay: a zero update), a long vector
 # without a divisor in [128, 2048] (no row view), one with (row view), and
-# tensors above the packing size.
+# large tensors.
 FIXED_SPECS = [
     # (path, shape, weight scale, gradient scale)
     ("scale/kernel", (), 1.5, 0.3),
@@ -102,12 +100,11 @@ LARS_CONFIGS = {
 }
 
 
-# The fast path's variants: the whole step, with small variables packed (in
-# packs of at most 16, or in one pack per exclusion group), one variable at a
-# time, and with both norms of a variable reduced in one stacked pass (each
-# way of forming the sums).
-FAST_PATHS = ["whole", "packed", "packall", "per_variable", "joint_reduce",
-              "joint_matvec", "joint_rows"]
+# The fast path's variants: the whole step, one variable at a time, and with
+# both norms of a variable reduced in one stacked pass (each way of forming
+# the sums).
+FAST_PATHS = ["whole", "per_variable", "joint_reduce", "joint_matvec",
+              "joint_rows"]
 
 
 def make_optimizer(name, config, path):
@@ -123,9 +120,6 @@ def make_optimizer(name, config, path):
               exclude_from_layer_adaptation=ADAPTATION_EXCLUDED,
               track_trust_ratios=True, **kwargs, **config)
     opt._use_reference_path = path == "reference"
-    opt._pack_small_variables = path in ("packed", "packall")
-    if path == "packall":
-        opt._pack_max_count = 1 << 30
     if path.startswith("joint_"):
         opt._joint_norms = True
         opt._norm_method = path[len("joint_"):]
@@ -180,9 +174,8 @@ def test_low_precision_variables(name, dtype):
     config = {} if name == "lamb" else {"nesterov": True}
     reference = run(make_optimizer(name, config, "reference"), specs,
                     dtype=dtype)
-    for path in ("whole", "packed"):
-        fast = run(make_optimizer(name, config, path), specs, dtype=dtype)
-        assert_same(fast, reference, dtype)
+    fast = run(make_optimizer(name, config, "whole"), specs, dtype=dtype)
+    assert_same(fast, reference, dtype)
 
 
 def test_the_step_changes_the_variables():
@@ -235,25 +228,6 @@ def test_unknown_sum_of_squares_method():
         sums_of_squares([x, x], "l1")
 
 
-def test_segment_norms_equal_numpy():
-    rng = np.random.default_rng(6)
-    sizes = [1, 5, 4096, 3]
-    x = rng.standard_normal(sum(sizes)).astype("float32")
-    segments = Segments(sizes, "reduce")
-    norms, doubled = segments.norms(keras.ops.convert_to_tensor(x),
-                                    keras.ops.convert_to_tensor(2 * x))
-    expected = [np.linalg.norm(part.astype("float64"))
-                for part in np.split(x, np.cumsum(sizes)[:-1])]
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(norms), expected,
-                               rtol=1e-5)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(doubled),
-                               2 * np.array(expected), rtol=1e-5)
-    expanded = segments.expand(keras.ops.convert_to_tensor(
-        np.arange(4, dtype="float32")))
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(expanded),
-                                  np.repeat(np.arange(4), sizes))
-
-
 def test_defaults_on_this_machine():
     # The CI machine has no accelerator: the CPU choices apply (see
     # `default_norm_method` and `default_joint_norms` for the measurements).
@@ -261,14 +235,12 @@ def test_defaults_on_this_machine():
     expected = "matvec" if keras.backend.backend() == "tensorflow" else "reduce"
     assert layerwise.default_norm_method() == expected
     assert layerwise.default_joint_norms() is False
-    # Packing is off by default; LARS never stacks its norms by default.
-    assert keras_lamb.LAMB()._pack_small_variables is False
+    # LARS never stacks its norms by default.
     assert keras_lamb.LAMB()._joint_norms is None
     assert keras_lamb.LARS()._joint_norms is False
 
 
 def test_whole_step_only_where_allowed():
-    assert PACK_MAX_SIZE >= 1024
     assert keras_lamb.LAMB()._whole_step_allowed()
     assert keras_lamb.LARS()._whole_step_allowed()
     assert not PerVariableLAMB()._whole_step_allowed()
@@ -278,7 +250,7 @@ def test_whole_step_only_where_allowed():
 
 
 @pytest.mark.parametrize("name", ["lamb", "lars"])
-@pytest.mark.parametrize("path", ["whole", "packed", "per_variable"])
+@pytest.mark.parametrize("path", ["whole", "per_variable"])
 def test_no_persistent_memory_beyond_the_slots(name, path):
     # LAMB keeps m and v per variable, LARS the momentum; everything else the
     # optimizer owns is a scalar (iteration count, learning rate), whichever

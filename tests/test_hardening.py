@@ -17,6 +17,7 @@ import pytest
 import keras_lamb
 from conftest import BACKEND, TOLERANCES, make_gradients, make_variables, mask
 from keras_lamb.callbacks import TrustRatioMonitor
+from keras_lamb.layerwise import STAT_NAMES
 from keras_lamb.schedules import (
     PhasedSchedule,
     WarmUp,
@@ -195,7 +196,8 @@ def test_statistics_are_nan_until_a_variable_is_updated():
     optimizer.apply([keras.ops.ones((2,)), None], [used, unused])
     stats = optimizer.trust_ratio_stats()
     assert stats[used.path]["weight_norm"] == pytest.approx(5.0)
-    assert all(math.isnan(v) for v in stats[unused.path].values())
+    assert all(math.isnan(stats[unused.path][stat]) for stat in STAT_NAMES)
+    assert stats[unused.path]["adapted"] is True
 
 
 # ---------------------------------------------------------------------------
@@ -241,7 +243,6 @@ def float64_pair(name, path):
                               decay_mask=mask("bias"),
                               adapt_mask=mask("layer_norm"))
     optimizer._use_reference_path = path == "reference"
-    optimizer._pack_small_variables = path == "packed"
     return optimizer, reference
 
 
@@ -260,7 +261,7 @@ def max_relative_error(optimizer, reference, dtype, steps=3):
     return worst, variables
 
 
-@pytest.mark.parametrize("path", ["whole", "packed", "reference"])
+@pytest.mark.parametrize("path", ["whole", "reference"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_float64_variables_follow_a_float64_reference(name, path,
                                                       float64_enabled):
@@ -280,8 +281,8 @@ def test_float64_variables_follow_a_float64_reference(name, path,
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_zero_learning_rate_leaves_float64_variables_exactly(name,
                                                              float64_enabled):
-    """Also next to a float32 variable, packed together with it (packs hold
-    one compute dtype)."""
+    """Also next to a float32 variable (each compute dtype forms its own
+    step scalars)."""
     variables = make_variables("float64")
     with keras.name_scope("single"):
         variables.append(keras.Variable(np.full((3,), 0.1), dtype="float32",
@@ -289,7 +290,6 @@ def test_zero_learning_rate_leaves_float64_variables_exactly(name,
     before = [np.array(v) for v in variables]
     optimizer = OPTIMIZERS[name](learning_rate=0.0, weight_decay=0.1,
                                  track_trust_ratios=True)
-    optimizer._pack_small_variables = True
     for step in range(3):
         grads = make_gradients(step) + [np.ones(3)]
         optimizer.apply([keras.ops.convert_to_tensor(g, v.dtype)

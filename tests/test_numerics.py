@@ -234,3 +234,46 @@ def test_lars_equals_optax_lars_without_weight_decay(nesterov):
     for a, b in zip(ours, params):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(a), np.asarray(b),
                                    rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("cls", [keras_lamb.LAMB, keras_lamb.LARS])
+def test_trust_ratio_stats_read_the_device_once(cls, monkeypatch):
+    """One device-to-host transfer per call, whatever the variable count,
+    with the values the per-variable statistics hold and the adaptation
+    flags of the exclusion rule."""
+    variables = [keras.Variable(np.full((3, 2), 0.5 + i), name=f"kernel{i}")
+                 for i in range(12)]
+    variables += [keras.Variable(np.full((2,), 0.1), name="bias")]
+    opt = cls(learning_rate=LR, exclude_from_layer_adaptation="bias",
+              track_trust_ratios=True)
+    opt.apply([keras.ops.ones(v.shape) for v in variables], variables)
+    expected = {
+        v.path: [float(keras.ops.convert_to_numpy(opt._stats[s][i]))
+                 for s in ("weight_norm", "update_norm", "trust_ratio",
+                           "learning_rate")]
+        for i, v in enumerate(variables)
+    }
+    reads = []
+    to_numpy = keras.ops.convert_to_numpy
+    monkeypatch.setattr(keras.ops, "convert_to_numpy",
+                        lambda x: reads.append(1) or to_numpy(x))
+    stats = opt.trust_ratio_stats()
+    assert len(reads) == 1
+    assert list(stats) == [v.path for v in variables]
+    for path, values in stats.items():
+        assert [values[s] for s in ("weight_norm", "update_norm",
+                                    "trust_ratio", "learning_rate")] == (
+            expected[path])
+        assert values["adapted"] is (path != "bias")
+    # Each kernel has its own norms, so rows were not mixed up.
+    assert len({s["weight_norm"] for s in stats.values()}) == 13
+
+
+def test_update_norm_of_names_the_norm_in_the_ratio():
+    assert keras_lamb.LARS.update_norm_of == "g"
+    assert keras_lamb.LAMB.update_norm_of == "u"
+    # LARS: update_norm is ||g|| (here a gradient of ones, not the step).
+    w = keras.Variable(np.full((4,), 2.0), name="w")
+    opt = keras_lamb.LARS(learning_rate=LR, track_trust_ratios=True)
+    opt.apply([keras.ops.ones((4,))], [w])
+    assert opt.trust_ratio_stats()[w.path]["update_norm"] == pytest.approx(2.0)

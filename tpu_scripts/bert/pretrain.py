@@ -470,10 +470,9 @@ def trust_ratio_summary(optimizer):
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     if not getattr(inner, "track_trust_ratios", False):
         return None
-    adapted = inner._adaptation_by_path()
     ratios = np.array([
-        v["trust_ratio"] for path, v in inner.trust_ratio_stats().items()
-        if adapted.get(path) and np.isfinite(v["trust_ratio"])
+        v["trust_ratio"] for v in inner.trust_ratio_stats().values()
+        if v["adapted"] and np.isfinite(v["trust_ratio"])
     ])  # NaN: not updated yet
     if not ratios.size:
         return None
