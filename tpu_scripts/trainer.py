@@ -29,6 +29,7 @@ compute per-example losses, update metrics), so the BERT scripts reuse the
 trainer with their own task.
 """
 
+import math
 import os
 import re
 import signal
@@ -39,6 +40,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from keras_lamb.layerwise import STAT_NAMES
 from tpu_scripts import distribute, run_state
 
 # TensorBoard's scalar format, written with TensorFlow's own summary op so
@@ -416,8 +418,9 @@ class Trainer:
         if not getattr(inner, "track_trust_ratios", False):
             return
         for path, values in inner.trust_ratio_stats().items():
-            for stat, value in values.items():
-                write_scalar(f"{stat}/{path}", value, step)
+            for stat in STAT_NAMES:  # not `adapted`, a flag
+                if math.isfinite(values[stat]):  # NaN: not updated yet
+                    write_scalar(f"{stat}/{path}", values[stat], step)
 
     def _distribute(self, input_fn, epoch=0, start_step=0):
         return self.strategy.distribute_datasets_from_function(
