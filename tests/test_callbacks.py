@@ -310,7 +310,7 @@ def test_monitor_reads_only_public_attributes_of_any_subclass():
     """A LARS subclass that redefines `update_norm_of`, and the BERT script's
     summary, both go by `trust_ratio_stats()["adapted"]` and the class
     attribute, not by private lists or `isinstance` checks."""
-    from tpu_scripts.bert_pretraining import trust_ratio_summary
+    from tpu_scripts.bert.pretrain import trust_ratio_summary
 
     class ScaledLARS(keras_lamb.LARS):
         update_norm_of = "g_scaled"
