@@ -49,6 +49,17 @@ class ChangedFlagsError(FlagError):
     """A restart whose flags differ from the run's identity."""
 
 
+def run_script(run, argv):
+    """The body of a script's absl `main`: no stray arguments, quiet absl
+    logging, then `run(FLAGS)` with a `FlagError` exiting cleanly."""
+    from absl import app, flags, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    return exit_on_flag_error(run, flags.FLAGS)
+
+
 def exit_on_flag_error(fn, *args, **kwargs):
     """Calls `fn`; a `FlagError` exits with its message (status 1)."""
     try:

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from tpu_scripts import distribute  # noqa: E402
 from tpu_scripts.bert import pretrain as bert_pretrain  # noqa: E402
@@ -289,12 +289,9 @@ def run(flags_, log=print):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
     from tpu_scripts import run_state
 
-    run_state.exit_on_flag_error(run, flags.FLAGS)
+    run_state.run_script(run, argv)
 
 
 if __name__ == "__main__":

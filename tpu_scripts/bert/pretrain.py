@@ -829,12 +829,7 @@ def _define_flags(flags, f):
 
 
 def main(argv):
-    from absl import app, flags, logging
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    run_state.exit_on_flag_error(run, flags.FLAGS)
+    run_state.run_script(run, argv)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ if __name__ == "__main__":  # a script needs TensorFlow (tf.distribute)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = "tensorflow"
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from tpu_scripts import distribute  # noqa: E402
 from tpu_scripts.resnet.data import AUGMENTATIONS  # noqa: E402
@@ -907,12 +907,9 @@ def _summary(results):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
     from tpu_scripts import run_state
 
-    run_state.exit_on_flag_error(run, flags.FLAGS)
+    run_state.run_script(run, argv)
 
 
 if __name__ == "__main__":
