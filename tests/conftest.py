@@ -1,4 +1,5 @@
 import os
+import socket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -73,3 +74,14 @@ def run_lockstep(optimizer, reference, steps=6, dtype="float32"):
                 err_msg=f"{v.path} at step {step + 1}", **tol,
             )
     return variables
+
+
+def free_ports(count):
+    """`count` free TCP ports on 127.0.0.1 (for loopback workers)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

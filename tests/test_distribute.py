@@ -8,14 +8,13 @@ initialises; one MirroredStrategy per process)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import BACKEND
+from conftest import BACKEND, free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK = os.path.join(HERE, "distributed_check.py")
@@ -65,16 +64,6 @@ def test_fit_on_two_replicas_equals_one_device_for_every_option():
         else:
             assert r["weight_diff"] < EQUAL, (case, r)
             assert r["trust_ratio_diff"] < 10 * EQUAL, (case, r)
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def test_trainer_on_two_replicas_and_two_workers_equals_one_device(tmp_path):

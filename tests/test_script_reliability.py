@@ -19,7 +19,8 @@ import keras  # noqa: E402
 from absl import flags  # noqa: E402
 
 from test_tpu_distributed import (  # noqa: E402
-    checkpoint_values, finish, free_ports, small_run_flags, start)
+    checkpoint_values, finish, small_run_flags, start)
+from conftest import free_ports  # noqa: E402
 from tpu_scripts import run_state  # noqa: E402
 from tpu_scripts.bert import data as bert_data  # noqa: E402
 from tpu_scripts.bert import finetune_squad  # noqa: E402

@@ -9,7 +9,6 @@ instance"), so each process creates at most one.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from tpu_scripts.resnet import data  # noqa: E402
+from conftest import free_ports  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tpu_scripts", "resnet", "train.py")
@@ -141,16 +141,6 @@ def test_two_replicas_match_one_replica_with_the_same_global_batch(
     for name in ("one", "two"):
         with open(os.path.join(runs[name], "results.json")) as f:
             assert json.load(f)["steps"] == 6
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def test_two_workers_on_loopback_agree(data_dir, tmp_path):
