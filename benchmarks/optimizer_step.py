@@ -84,6 +84,8 @@ VARIANTS = {
     "rows": {"_norm_method": "rows"},
     "joint": {"_joint_norms": True},
     "separate": {"_joint_norms": False},
+    "recompute": {"_recompute_update": True},
+    "store": {"_recompute_update": False},
     "adapt-all": {},  # handled in make_keras_optimizer
 }
 ALL_OPTIMIZERS = KERAS_OPTIMIZERS + OPTAX_OPTIMIZERS + [

@@ -179,12 +179,19 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         m = m + (1 - self.beta_1) * (g - m)
         v = v + (1 - self.beta_2) * (ops.square(g) - v)
         c1, lr = scalars["c1"], scalars["lr"]
-        e = m / (ops.sqrt(v) + scalars["epsilon"])  # u / c_1, without decay
-        if use_decay:
-            e = e + (self.weight_decay / c1) * w  # u / c_1
+        e = self._direction(m, v, w, use_decay, scalars)  # u / c_1
         w_norm = u_norm = None
         if use_adaptation or self._stats is not None:
-            w_norm, e_norm = norms(w, e)
+            e_for_norm = e
+            if self._recompute_for_norm():
+                # The same values, formed a second time so that a compiler
+                # cannot merge the two: each consumer then fuses its own
+                # copy of the elementwise math, and `e` is never stored.
+                # `abs` is the identity on v >= 0, so the bits are equal.
+                e_for_norm = self._direction(
+                    m, ops.abs(v), w, use_decay, scalars
+                )
+            w_norm, e_norm = norms(w, e_for_norm)
             u_norm = c1 * e_norm
         ratio = 1.0
         if use_adaptation:
@@ -192,6 +199,13 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         new_w = w - (lr * c1 * ratio) * e
         stats = self._stats_values(w_norm, u_norm, ratio, lr)
         return new_w, [m, v], stats
+
+    def _direction(self, m, v, w, use_decay, scalars):
+        """`u / c_1`: the bias-corrected Adam step plus weight decay."""
+        e = m / (ops.sqrt(v) + scalars["epsilon"])
+        if use_decay:
+            e = e + (self.weight_decay / scalars["c1"]) * w
+        return e
 
     def _trust_ratio(self, w_norm, u_norm):
         """phi(||w||) / ||u||, 1 when ||w|| or ||u|| is 0."""

@@ -104,7 +104,7 @@ LARS_CONFIGS = {
 # both norms of a variable reduced in one stacked pass (each way of forming
 # the sums).
 FAST_PATHS = ["whole", "per_variable", "joint_reduce", "joint_matvec",
-              "joint_rows"]
+              "joint_rows", "recompute"]
 
 
 def make_optimizer(name, config, path):
@@ -120,6 +120,8 @@ def make_optimizer(name, config, path):
               exclude_from_layer_adaptation=ADAPTATION_EXCLUDED,
               track_trust_ratios=True, **kwargs, **config)
     opt._use_reference_path = path == "reference"
+    if path == "recompute":  # LAMB's update formed twice, not stored
+        opt._recompute_update = True
     if path.startswith("joint_"):
         opt._joint_norms = True
         opt._norm_method = path[len("joint_"):]
@@ -235,6 +237,9 @@ def test_defaults_on_this_machine():
     expected = "matvec" if keras.backend.backend() == "tensorflow" else "reduce"
     assert layerwise.default_norm_method() == expected
     assert layerwise.default_joint_norms() is False
+    # Outside a compiled TF step, LAMB stores its update (see
+    # `test_compiled_lamb_step_stores_no_update` for inside).
+    assert layerwise.default_recompute_for_norm() is False
     # LARS never stacks its norms by default.
     assert keras_lamb.LAMB()._joint_norms is None
     assert keras_lamb.LARS()._joint_norms is False
@@ -271,3 +276,48 @@ def test_no_persistent_memory_beyond_the_slots(name, path):
     # The slots of the scalar variable ("scale/kernel"), plus iterations and
     # the learning rate.
     assert len(scalars) <= per_variable + 2
+
+
+def full_size_temporaries(optimizer, shape):
+    """The values of `shape` that the XLA-compiled TF step of `optimizer`
+    computes but does not output: buffers the compiler must allocate."""
+    import re
+
+    import tensorflow as tf
+
+    variables = make_variables([("dense/kernel", shape, 0.1, 0.01)])
+    optimizer.build(variables)
+    gradient = [keras.ops.ones(shape) * 0.01]
+
+    @tf.function(jit_compile=True)
+    def step(grads):
+        optimizer.apply(grads, variables)
+        return optimizer.iterations
+
+    hlo = step.experimental_get_compiler_ir(gradient)(stage="optimized_hlo")
+    entry = hlo[hlo.index("\nENTRY "):]
+    full = "f32[" + ",".join(str(d) for d in shape) + "]"
+    computed = {name for name, kind in re.findall(
+        r"%([\w.-]+) = " + re.escape(full) + r"\S* (\w+)\(", entry)
+        if kind != "parameter"}
+    root = entry[entry.index("ROOT "):].split("\n")[0]
+    outputs = set(re.findall(r"%([\w.-]+)", root))
+    return sorted(computed - outputs)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="TensorFlow's XLA:CPU compilation")
+@pytest.mark.parametrize("recompute", [None, False])
+def test_compiled_lamb_step_stores_no_update(recompute):
+    # Compiled with XLA on a CPU, LAMB recomputes its update for the norm:
+    # the step's only full-size values are the new m, v and w, written
+    # into the slots and the variable. Storing the update (the negative
+    # control, `_recompute_update=False`) makes it a temporary, which
+    # XLA:CPU allocates on every step (2.8x slower on an AMD EPYC).
+    opt = keras_lamb.LAMB(learning_rate=0.01, weight_decay=0.01)
+    opt._recompute_update = recompute
+    temporaries = full_size_temporaries(opt, (300, 256))
+    if recompute is None:
+        assert temporaries == []
+    else:
+        assert len(temporaries) == 1, temporaries
