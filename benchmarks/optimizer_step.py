@@ -137,6 +137,8 @@ def define_flags():
         "per-variable reference path of keras_lamb, `[reduce]`, `[matvec]` "
         "and `[rows]` force a way of computing the norms, `[joint]` and "
         "`[separate]` reduce both norms in one pass or in two, "
+        "`[recompute]` and `[store]` form LAMB's update again for its norm "
+        "or keep it between the two, "
         "`[adapt-all]` drops the exclusions; combine variants with `+`, "
         "e.g. `keras_lamb.LAMB[adapt-all+joint]`).")
     parser.add_argument(
