@@ -161,17 +161,20 @@ def default_recompute_for_norm():
     allocates a scratch buffer the size of the model (4 bytes per parameter)
     on each step, which the system pages in afresh every time. Measured on
     an AMD EPYC (BERT-base shapes): 107,000 page faults per step and 2.8x
-    Keras Adam's time stored, none and 1.5x recomputed. Off elsewhere,
-    where storing was measured faster: TensorFlow without XLA (each op is
-    materialized, so recomputing adds work: 991 -> 1127 ms) and JAX on CPU
-    (382 -> 531 ms), and GPUs and TPUs, whose allocators reuse device
-    memory. See docs/performance.md.
+    Keras Adam's time stored, none and 1.5x recomputed. Off elsewhere:
+    storing was measured faster for TensorFlow without XLA (each op is
+    materialized, so recomputing adds work: 991 -> 1127 ms) and for JAX on
+    CPU (382 -> 531 ms); GPUs and TPUs pool device memory and keep the path
+    measured there. See docs/performance.md.
     """
     if keras.backend.backend() != "tensorflow" or on_accelerator():
         return False
     import tensorflow as tf  # already imported by the Keras backend
 
-    return tf.__internal__.get_enclosing_xla_context() is not None
+    enclosing_xla_context = getattr(
+        tf.__internal__, "get_enclosing_xla_context", None
+    )
+    return bool(enclosing_xla_context) and enclosing_xla_context() is not None
 
 
 def _norms(*tensors, norm_method, joint_norms=False):
