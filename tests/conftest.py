@@ -85,3 +85,115 @@ def free_ports(count):
     for s in sockets:
         s.close()
     return ports
+
+
+# ---------------------------------------------------------------------------
+# Background jobs. Most of the suite runs on one core, in this process; the
+# tests that only start subprocesses and check what those print or write
+# (the JAX reruns, the 2-replica checks, the benchmark and demo smoke runs)
+# can run on the other. A test module declares such work with
+# `job = background(name, function)` and marks the test that consumes it
+# `@pytest.mark.background(name)`; those tests move to the end of the
+# session (`in_place=True`: a test that shares module fixtures stays where it
+# is), and once collection is done the jobs of the selected tests start one
+# after another on a thread (their results are then ready or nearly when
+# the tests run). The test calls `job.result()`, which waits, or runs the
+# job itself if the thread has not started it, and re-raises whatever the
+# function raised. Assertions stay in the
+# tests. KERAS_LAMB_TEST_BACKGROUND=0 runs each job inline, in its test.
+
+import threading  # noqa: E402
+
+_JOBS = {}
+
+
+class BackgroundJob:
+    def __init__(self, name, function):
+        self.name, self.function = name, function
+        self._done = threading.Event()
+        self._claimed = False
+        self._lock = threading.Lock()
+        self._value = self._error = None
+
+    def run(self):
+        """Runs the function here unless another thread has claimed it."""
+        with self._lock:
+            if self._claimed:
+                return
+            self._claimed = True
+        try:
+            self._value = self.function()
+        except BaseException as e:  # re-raised in the test
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self):
+        self.run()  # inline if the background thread has not started it
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def background(name, function):
+    """Declares `function` (no arguments, returns what the test checks) as
+    the background job `name`; returns its `BackgroundJob`."""
+    if name not in _JOBS:  # a module imported twice declares it once
+        _JOBS[name] = BackgroundJob(name, function)
+    return _JOBS[name]
+
+
+def _background_names(item):
+    return [m.args[0] for m in item.iter_markers("background")]
+
+
+def _skipped(item):
+    """Whether a `skip` marker or a `skipif` with a true (bool) condition
+    applies to `item`: its job need not start."""
+    if any(True for _ in item.iter_markers("skip")):
+        return True
+    for m in item.iter_markers("skipif"):
+        conditions = m.args or (m.kwargs.get("condition"),)
+        if any(c is True for c in conditions):
+            return True
+    return False
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "background(name, in_place=False): the test consumes "
+        "background job `name` (see tests/conftest.py); it runs at the end "
+        "of the session unless in_place")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if os.environ.get("KERAS_LAMB_TEST_BACKGROUND", "1") == "0":
+        return
+
+    def moved(item):
+        return any(not m.kwargs.get("in_place")
+                   for m in item.iter_markers("background"))
+
+    # Last, and in reverse: the thread runs their jobs from the first one
+    # on, so the test that ends the session claims (and runs, here) any job
+    # the thread has not reached; the two meet in the middle.
+    last = [item for item in items if moved(item)]
+    items[:] = [item for item in items if not moved(item)] + last[::-1]
+
+
+def pytest_collection_finish(session):
+    if (os.environ.get("KERAS_LAMB_TEST_BACKGROUND", "1") == "0"
+            or session.config.option.collectonly):
+        return
+    selected = [item for item in session.items if not _skipped(item)]
+    in_place = [item for item in selected
+                if all(m.kwargs.get("in_place")
+                       for m in item.iter_markers("background"))]
+    moved = [item for item in selected if item not in in_place]
+    names = [n for item in in_place + moved[::-1]
+             for n in _background_names(item)]
+    jobs = [_JOBS[n] for n in dict.fromkeys(names) if n in _JOBS]
+    if jobs:
+        threading.Thread(target=lambda: [j.run() for j in jobs],
+                         name="background-jobs", daemon=True).start()

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import BACKEND
+from conftest import BACKEND, background
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -39,8 +39,10 @@ pytestmark = [
 
 
 def run_on_jax(modules, launcher=("-m", "pytest"), timeout=900, **env):
-    """Runs `modules` in a JAX pytest process; returns its output's tail."""
+    """Runs `modules` in a JAX pytest process; returns (returncode, stdout
+    tail, stderr tail)."""
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", **env)
+    env.pop("KERAS_LAMB_TEST_BACKGROUND", None)
     # This checkout's keras_lamb, not an installed one.
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
@@ -49,28 +51,45 @@ def run_on_jax(modules, launcher=("-m", "pytest"), timeout=900, **env):
          "-p", "no:xdist", *[os.path.join(HERE, m) for m in modules]],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE,
     )
-    tail = result.stdout[-6000:]
-    assert result.returncode == 0, tail + result.stderr[-3000:]
+    return result.returncode, result.stdout[-6000:], result.stderr[-3000:]
+
+
+def checked(job):
+    """The output tail of a JAX run, which must have passed."""
+    returncode, tail, stderr = job.result()
+    assert returncode == 0, tail + stderr
     print(tail.splitlines()[-1])
     return tail
 
 
-def test_optimizer_suite_on_jax_backend():
-    tail = run_on_jax(AGNOSTIC_MODULES)
-    assert " passed" in tail and "optax" not in tail.split("SKIPPED")[-1], tail
-
-
-def test_keras_distribution_on_jax_backend():
+def distribution_run():
     xla_flags = " ".join(p for p in (
         os.environ.get("XLA_FLAGS"),
         "--xla_force_host_platform_device_count=8") if p)
-    tail = run_on_jax(["test_jax_distribution.py"], XLA_FLAGS=xla_flags)
+    return run_on_jax(["test_jax_distribution.py"], XLA_FLAGS=xla_flags)
+
+
+SUITE = background("jax_suite", lambda: run_on_jax(AGNOSTIC_MODULES))
+DISTRIBUTION = background("jax_distribution", distribution_run)
+WITHOUT_TF = background("jax_without_tensorflow", lambda: run_on_jax(
+    ["test_without_tensorflow.py"], launcher=("-c", WITHOUT_TENSORFLOW)))
+
+
+@pytest.mark.background("jax_suite")
+def test_optimizer_suite_on_jax_backend():
+    tail = checked(SUITE)
+    assert " passed" in tail and "optax" not in tail.split("SKIPPED")[-1], tail
+
+
+@pytest.mark.background("jax_distribution")
+def test_keras_distribution_on_jax_backend():
+    tail = checked(DISTRIBUTION)
     summary = tail.splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, tail
 
 
+@pytest.mark.background("jax_without_tensorflow")
 def test_core_without_tensorflow():
-    tail = run_on_jax(["test_without_tensorflow.py"],
-                      launcher=("-c", WITHOUT_TENSORFLOW))
+    tail = checked(WITHOUT_TF)
     summary = tail.splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, tail
