@@ -3,10 +3,14 @@
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+from conftest import background
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "optimizer_step.py")
@@ -15,17 +19,33 @@ OPTIMIZERS = ["keras_lamb.LAMB", "keras_lamb.LARS", "keras.Adam",
               "keras_lamb.LARS[adapt-all+rows+joint]"]
 
 
-def test_benchmark_smoke(tmp_path):
-    jsonl, markdown = tmp_path / "out.jsonl", tmp_path / "out.md"
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "--smoke", "--backend", "all", "--xla", "on",
-         "--optimizers", ",".join(OPTIMIZERS + ["optax.lamb"]),
-         "--steps-per-sample", "2",
-         "--jsonl", str(jsonl), "--markdown", str(markdown)],
-        capture_output=True, text=True, timeout=600,
-    )
+def run_script(script, *args):
+    """Runs `script` with `args` plus --jsonl/--markdown into a temporary
+    folder; returns (the CompletedProcess, the JSON lines, the table)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        jsonl = pathlib.Path(tmp) / "out.jsonl"
+        markdown = pathlib.Path(tmp) / "out.md"
+        result = subprocess.run(
+            [sys.executable, script, *args,
+             "--jsonl", str(jsonl), "--markdown", str(markdown)],
+            capture_output=True, text=True, timeout=600,
+        )
+        return (result,
+                jsonl.read_text() if jsonl.exists() else "",
+                markdown.read_text() if markdown.exists() else "")
+
+
+OPTIMIZER_STEP = background("benchmark_smoke", lambda: run_script(
+    SCRIPT, "--smoke", "--backend", "all", "--xla", "on",
+    "--optimizers", ",".join(OPTIMIZERS + ["optax.lamb"]),
+    "--steps-per-sample", "2"))
+
+
+@pytest.mark.background("benchmark_smoke")
+def test_benchmark_smoke():
+    result, jsonl, table = OPTIMIZER_STEP.result()
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = [json.loads(line) for line in jsonl.splitlines()]
     assert records[0]["kind"] == "run"
     steps = [r for r in records if r.get("kind") == "step"]
     expected = {"tensorflow": OPTIMIZERS, "jax": OPTIMIZERS + ["optax.lamb"]}
@@ -50,7 +70,6 @@ def test_benchmark_smoke(tmp_path):
             # Read from the optimized HLO: an optimizer step is a few
             # kernels per variable at least (5 variables in the smoke set).
             assert r["hlo_kernels"] >= 5 and r["steps_per_sample"] == 2
-    table = markdown.read_text()
     assert table.startswith("| backend | XLA | shapes | optimizer | ms |")
     assert table.count("| smoke |") == len(steps)
     # The JSON lines also go to stdout, followed by the table.
@@ -72,19 +91,19 @@ def test_benchmark_rejects_unknown_optimizers():
 TRAIN_STEP = os.path.join(os.path.dirname(HERE), "benchmarks", "train_step.py")
 
 
-def test_train_step_smoke(tmp_path):
+TRAIN_STEP_SMOKE = background("train_step_smoke", lambda: run_script(
+    TRAIN_STEP, "--smoke", "--models", "resnet"))
+
+
+@pytest.mark.background("train_step_smoke")
+def test_train_step_smoke():
     """The end-to-end benchmark fits a tiny ResNet (keras-hub, XLA) with
     LARS and SGD-momentum and times the optimizer alone on its variables.
     (`--models bert` runs the same code on a tiny BERT masked LM; it is left
     out here to keep the suite fast.)"""
-    jsonl, markdown = tmp_path / "out.jsonl", tmp_path / "out.md"
-    result = subprocess.run(
-        [sys.executable, TRAIN_STEP, "--smoke", "--models", "resnet",
-         "--jsonl", str(jsonl), "--markdown", str(markdown)],
-        capture_output=True, text=True, timeout=600,
-    )
+    result, jsonl, table = TRAIN_STEP_SMOKE.result()
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = [json.loads(line) for line in jsonl.splitlines()]
     assert records[0]["kind"] == "run"
     steps = {r["optimizer"]: r for r in records
              if r.get("kind") == "train_step"}
@@ -98,7 +117,6 @@ def test_train_step_smoke(tmp_path):
     assert steps["keras.SGD-momentum"]["x_ref"] == 1.0
     lars = steps["keras_lamb.LARS"]
     assert lars["extra_percent"] == pytest.approx(100 * (lars["x_ref"] - 1))
-    table = markdown.read_text()
     assert table.count("| resnet (smoke) |") == 2
     assert table in result.stdout
 

@@ -5,9 +5,11 @@ phase 2, gradient accumulation, 2-replica MirroredStrategy, recipes
 import glob
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from keras_lamb import recipes  # noqa: E402
 from tpu_scripts.bert import data as bert_data  # noqa: E402
 from tpu_scripts.bert import models as bert_models  # noqa: E402
 from tpu_scripts.bert import pretrain as bert_pretrain  # noqa: E402
+from conftest import background  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tpu_scripts need the TensorFlow backend",
@@ -39,7 +42,12 @@ WEIGHT_ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bert")
+    return make_data(tmp_path_factory.mktemp("bert"))
+
+
+def make_data(root):
+    """Pretraining records of the tiny corpus (seeded: the same records
+    each time), sequence length 64 and 128, under `root`."""
     quiet = dict(log=lambda *a: None, dupe_factor=5, random_seed=1)
     seq64 = str(root / "seq64")
     bert_data.create_pretraining_data(
@@ -91,11 +99,15 @@ def initial_loss(data, args):
     return float(np.mean(loss))
 
 
-@pytest.fixture(scope="module")
-def default_run(data):
-    args = dict(base_args(data), save_checkpoints_steps=10,
+def default_args(data):
+    return dict(base_args(data), save_checkpoints_steps=10,
                 model_dir=str(data["root"] / "default"),
                 eval_files=os.path.join(data["seq64"], "*.tfrecord"))
+
+
+@pytest.fixture(scope="module")
+def default_run(data):
+    args = default_args(data)
     results = bert_pretrain.run(make_flags(**args), log=lambda *a, **k: 0)
     return args, results
 
@@ -197,18 +209,31 @@ def test_gradient_accumulation_equals_one_large_batch(data):
     assert moved > 1e4 * WEIGHT_ATOL, moved
 
 
-def test_mirrored_two_replicas_match_one_device(data, default_run):
-    args, results = default_run
-    out = data["root"] / "mirrored"
-    # A subprocess: the CPU must be split before TensorFlow initialises, and
-    # only one MirroredStrategy per process may all-reduce the embeddings'
-    # sparse gradients.
-    argv = as_argv(dict(args, model_dir=str(out), strategy="mirrored",
-                        num_cpu_devices=2))
+def mirrored_run():
+    """The default run (module fixture) on 2 replicas, in a subprocess (the
+    CPU must be split before TensorFlow initialises, and only one
+    MirroredStrategy per process may all-reduce the embeddings' sparse
+    gradients), on its own copy of the records; a background job."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="keras_lamb_bert_"))
+    out = root / "mirrored"
+    argv = as_argv(dict(default_args(make_data(root)), model_dir=str(out),
+                        strategy="mirrored", num_cpu_devices=2))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
         [sys.executable, "-m", "tpu_scripts.bert.pretrain", *argv],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return root, out, proc
+
+
+MIRRORED = background("bert_mirrored", mirrored_run)
+
+
+# In place: a move to the end of the session would run the module's
+# fixtures (the default run) a second time.
+@pytest.mark.background("bert_mirrored", in_place=True)
+def test_mirrored_two_replicas_match_one_device(data, default_run):
+    args, results = default_run
+    root, out, proc = MIRRORED.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     mirrored = json.load(open(out / "results.json"))
     assert mirrored["num_replicas"] == 2
@@ -219,6 +244,7 @@ def test_mirrored_two_replicas_match_one_device(data, default_run):
                                                     rel=WEIGHT_ATOL)
     assert mirrored["eval"]["loss"] == pytest.approx(
         results["eval"]["loss"], abs=1e-4)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_recipe_plans_and_overrides(data):

@@ -8,8 +8,11 @@ examples.
 
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ tf = pytest.importorskip("tensorflow")
 flags = pytest.importorskip("absl.flags")
 
 from tpu_scripts.resnet import imagenet_tfrecords  # noqa: E402
+from conftest import background  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 400  # seconds for the subprocess; ~40 s on an idle machine
@@ -44,14 +48,17 @@ def random_images(count, seed):
             for i in range(count)]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("imagenet"))
+def write_shards(path):
     imagenet_tfrecords.write_shards(path, "train", random_images(TRAIN, 0),
                                np.arange(1, TRAIN + 1), 4)
     imagenet_tfrecords.write_shards(path, "validation", random_images(EVAL, 1),
                                np.arange(1, EVAL + 1), 2)
     return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(str(tmp_path_factory.mktemp("imagenet")))
 
 
 def train_input(files, **kwargs):
@@ -338,12 +345,15 @@ def small_run(**overrides):
             for k, v in values.items()]
 
 
-def test_script_on_tfrecords_synthetic_data_and_target_accuracy(
-        shards, tmp_path):
+def script_runs():
     """One process (each start costs ~5 s of imports): TFRecords on 2
     replicas into ram:// (gs://-style) with a target never reached; a bad
     training shard on 2 replicas (an error, no hang); synthetic data with a
-    target reached at the first evaluation."""
+    target reached at the first evaluation. Run as a background job, on its
+    own copy of the shards."""
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="keras_lamb_imagenet_"))
+    (tmp_path / "shards").mkdir()
+    shards = write_shards(str(tmp_path / "shards"))
     bad = shard_with(tmp_path, imagenet_tfrecords.make_example(
         b"\xff\xd8\xff not a jpeg", 1, 8, 8))
     tfrecords = small_run(
@@ -365,6 +375,15 @@ def test_script_on_tfrecords_synthetic_data_and_target_accuracy(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     report, out = report_of(start([tfrecords, broken, reached], cwd))
+    return tmp_path, bad, cwd, report, out
+
+
+SCRIPT_RUNS = background("imagenet_script", script_runs)
+
+
+@pytest.mark.background("imagenet_script")
+def test_script_on_tfrecords_synthetic_data_and_target_accuracy():
+    tmp_path, bad, cwd, report, out = SCRIPT_RUNS.result()
 
     # TFRecords, 2 replicas: 3 steps per epoch, evaluations at steps 3, 6;
     # the target is not reached, so the run goes to the end.
@@ -404,5 +423,6 @@ def test_script_on_tfrecords_synthetic_data_and_target_accuracy(
     assert early["steady_images_per_second"] > 0  # loop 2 of 2
     with open(tmp_path / "reached" / "results.json") as f:
         assert json.load(f)["target_reached_at"]["step"] == 4
+    shutil.rmtree(tmp_path, ignore_errors=True)
     assert "target 0.01 reached at epoch 1.00 (step 4)" in out
     assert "target 1.0 not reached" in out

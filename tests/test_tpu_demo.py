@@ -2,9 +2,12 @@
 plot."""
 
 import os
+import pathlib
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from tpu_scripts import demo  # noqa: E402
+from conftest import background  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,14 +28,26 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
-def test_demo_prints_progress_table_and_plot(tmp_path):
-    plot = tmp_path / "new_folder" / "demo.png"
+def run_demo():
+    """The demo, its plot into a folder it must create; returns (the
+    CompletedProcess, the plot's path)."""
+    plot = pathlib.Path(tempfile.mkdtemp(prefix="keras_lamb_demo_")) / (
+        "new_folder") / "demo.png"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     result = subprocess.run(
         [sys.executable, "-m", "tpu_scripts.demo", "--epochs=1",
          "--full_batch_lr_multipliers=1", f"--plot={plot}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
+    return result, plot
+
+
+DEMO = background("demo", run_demo)
+
+
+@pytest.mark.background("demo")
+def test_demo_prints_progress_table_and_plot():
+    result, plot = DEMO.result()
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "Data: scikit-learn's bundled digits" in out
@@ -53,6 +69,7 @@ def test_demo_prints_progress_table_and_plot(tmp_path):
     image = pytest.importorskip("matplotlib.image").imread(plot)
     assert image.shape == (720, 1650, 4) and image.std() > 0.05  # drawn
     assert os.listdir(plot.parent) == ["demo.png"]  # no temporary left
+    shutil.rmtree(plot.parent.parent)
 
 
 def fake_run(name, batch_size, lr, accuracy, multiplier=1.0):

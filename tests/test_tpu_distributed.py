@@ -8,9 +8,11 @@ instance"), so each process creates at most one.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -19,7 +21,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from tpu_scripts.resnet import data  # noqa: E402
-from conftest import free_ports  # noqa: E402
+from conftest import background, free_ports  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tpu_scripts", "resnet", "train.py")
@@ -43,9 +45,7 @@ def small_run_flags(data_dir, **overrides):
     return [f"--{k}={v}" for k, v in values.items()]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("fashion_mnist"))
+def write_data(path):
     rng = np.random.default_rng(0)
     data.write_fashion_mnist(
         path,
@@ -53,6 +53,19 @@ def data_dir(tmp_path_factory):
         (rng.integers(0, 256, (32, 8, 8)), rng.integers(0, 10, 32)),
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_data(str(tmp_path_factory.mktemp("fashion_mnist")))
+
+
+def scratch_dir(name):
+    """A fresh folder with the tiny data set in `data/`, for a background
+    job (fixtures are not available there)."""
+    root = tempfile.mkdtemp(prefix=f"keras_lamb_{name}_")
+    os.makedirs(os.path.join(root, "data"))
+    return root, write_data(os.path.join(root, "data"))
 
 
 def environment(**extra):
@@ -108,10 +121,11 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
-def test_two_replicas_match_one_replica_with_the_same_global_batch(
-        data_dir, tmp_path):
+def mirrored_runs():
+    tmp_path, data_dir = scratch_dir("mirrored")
     common = small_run_flags(data_dir, num_cpu_devices=2)
-    runs = {name: str(tmp_path / name) for name in ("one", "two", "control")}
+    runs = {name: os.path.join(tmp_path, name)
+            for name in ("one", "two", "control")}
     one_then_two = [
         common + ["--strategy=one_device", "--sync_batchnorm",
                   f"--model_dir={runs['one']}"],
@@ -126,6 +140,15 @@ def test_two_replicas_match_one_replica_with_the_same_global_batch(
         start(["-c", RUNNER, json.dumps(one_then_two)]),
         start(["-c", RUNNER, json.dumps(control)]),
     ])
+    return tmp_path, runs, outputs
+
+
+MIRRORED = background("tpu_mirrored", mirrored_runs)
+
+
+@pytest.mark.background("tpu_mirrored")
+def test_two_replicas_match_one_replica_with_the_same_global_batch():
+    tmp_path, runs, outputs = MIRRORED.result()
     assert "2 replicas; global batch 16, 8 per replica" in outputs[0]
     one, two, other = (checkpoint_values(runs[n])
                        for n in ("one", "two", "control"))
@@ -141,12 +164,14 @@ def test_two_replicas_match_one_replica_with_the_same_global_batch(
     for name in ("one", "two"):
         with open(os.path.join(runs[name], "results.json")) as f:
             assert json.load(f)["steps"] == 6
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_two_workers_on_loopback_agree(data_dir, tmp_path):
+def worker_runs():
+    tmp_path, data_dir = scratch_dir("workers")
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    model_dir = str(tmp_path / "model")
-    scratch = [str(tmp_path / f"tmp{i}") for i in range(2)]
+    model_dir = os.path.join(tmp_path, "model")
+    scratch = [os.path.join(tmp_path, f"tmp{i}") for i in range(2)]
     processes = []
     for index in range(2):
         os.makedirs(scratch[index])
@@ -162,7 +187,15 @@ def test_two_workers_on_loopback_agree(data_dir, tmp_path):
                 sync_batchnorm=True),
             TF_CONFIG=tf_config, TMPDIR=scratch[index],
         ))
-    outputs = finish(processes)
+    return tmp_path, model_dir, scratch, finish(processes)
+
+
+WORKERS = background("tpu_workers", worker_runs)
+
+
+@pytest.mark.background("tpu_workers")
+def test_two_workers_on_loopback_agree():
+    tmp_path, model_dir, scratch, outputs = WORKERS.result()
     assert "multi_worker_mirrored (CollectiveAllReduceStrategy), 2 replicas" in (
         outputs[0])
     assert "top-1" in outputs[0] and "top-1" not in outputs[1]  # chief only
@@ -175,6 +208,7 @@ def test_two_workers_on_loopback_agree(data_dir, tmp_path):
     for key in chief:
         np.testing.assert_array_equal(chief[key], other[key], err_msg=key)
     assert int(chief["global_step/.ATTRIBUTES/VARIABLE_VALUE"]) == 6
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_killed_run_resumes_to_the_same_weights(data_dir, tmp_path):
