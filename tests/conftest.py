@@ -102,6 +102,7 @@ def free_ports(count):
 # function raised. Assertions stay in the
 # tests. KERAS_LAMB_TEST_BACKGROUND=0 runs each job inline, in its test.
 
+import collections  # noqa: E402
 import threading  # noqa: E402
 
 _JOBS = {}
@@ -130,17 +131,40 @@ class BackgroundJob:
 
     def result(self):
         self.run()  # inline if the background thread has not started it
+        # While the thread runs this one, run here a job it has not reached
+        # (the last queued): both cores stay busy to the end.
+        while not self._done.is_set():
+            other = _next_job(from_end=True)
+            if other is None:
+                break
+            other.run()
         self._done.wait()
         if self._error is not None:
             raise self._error
         return self._value
 
 
-def background(name, function):
+_QUEUE = collections.deque()  # jobs to run, the thread's order
+_QUEUE_LOCK = threading.Lock()
+
+
+def _next_job(from_end=False):
+    with _QUEUE_LOCK:
+        while _QUEUE:
+            job = _QUEUE.pop() if from_end else _QUEUE.popleft()
+            if not job._claimed:
+                return job
+    return None
+
+
+def background(name, function, seconds=0):
     """Declares `function` (no arguments, returns what the test checks) as
-    the background job `name`; returns its `BackgroundJob`."""
+    the background job `name`, which takes about `seconds` (on an idle
+    machine; the thread starts the longest first); returns its
+    `BackgroundJob`."""
     if name not in _JOBS:  # a module imported twice declares it once
         _JOBS[name] = BackgroundJob(name, function)
+        _JOBS[name].seconds = seconds
     return _JOBS[name]
 
 
@@ -191,9 +215,22 @@ def pytest_collection_finish(session):
                 if all(m.kwargs.get("in_place")
                        for m in item.iter_markers("background"))]
     moved = [item for item in selected if item not in in_place]
-    names = [n for item in in_place + moved[::-1]
-             for n in _background_names(item)]
-    jobs = [_JOBS[n] for n in dict.fromkeys(names) if n in _JOBS]
-    if jobs:
-        threading.Thread(target=lambda: [j.run() for j in jobs],
-                         name="background-jobs", daemon=True).start()
+
+    def jobs(items):
+        names = [n for item in items for n in _background_names(item)]
+        return [_JOBS[n] for n in dict.fromkeys(names) if n in _JOBS]
+
+    # The in-place tests' jobs first (their tests come early), then the
+    # longest first: what is left to share at the end is short.
+    first = jobs(in_place)
+    rest = sorted((j for j in jobs(moved) if j not in first),
+                  key=lambda j: -j.seconds)
+    _QUEUE.extend(first + rest)
+    if _QUEUE:
+        threading.Thread(target=_run_queue, name="background-jobs",
+                         daemon=True).start()
+
+
+def _run_queue():
+    while (job := _next_job()) is not None:
+        job.run()

@@ -38,7 +38,7 @@ def run_script(script, *args):
 OPTIMIZER_STEP = background("benchmark_smoke", lambda: run_script(
     SCRIPT, "--smoke", "--backend", "all", "--xla", "on",
     "--optimizers", ",".join(OPTIMIZERS + ["optax.lamb"]),
-    "--steps-per-sample", "2"))
+    "--steps-per-sample", "2"), seconds=24)
 
 
 @pytest.mark.background("benchmark_smoke")
@@ -92,7 +92,7 @@ TRAIN_STEP = os.path.join(os.path.dirname(HERE), "benchmarks", "train_step.py")
 
 
 TRAIN_STEP_SMOKE = background("train_step_smoke", lambda: run_script(
-    TRAIN_STEP, "--smoke", "--models", "resnet"))
+    TRAIN_STEP, "--smoke", "--models", "resnet"), seconds=29)
 
 
 @pytest.mark.background("train_step_smoke")

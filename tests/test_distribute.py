@@ -48,7 +48,7 @@ def run_check(*args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-FIT = background("distribute_fit", lambda: run_check("fit"))
+FIT = background("distribute_fit", lambda: run_check("fit"), seconds=65)
 
 
 @pytest.mark.background("distribute_fit")
@@ -100,7 +100,7 @@ def trainer_runs():
     return report, out, [(p.returncode, o) for p, o in zip(processes, outputs)]
 
 
-TRAINER = background("distribute_trainer", trainer_runs)
+TRAINER = background("distribute_trainer", trainer_runs, seconds=47)
 
 
 @pytest.mark.background("distribute_trainer")

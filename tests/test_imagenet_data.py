@@ -378,7 +378,7 @@ def script_runs():
     return tmp_path, bad, cwd, report, out
 
 
-SCRIPT_RUNS = background("imagenet_script", script_runs)
+SCRIPT_RUNS = background("imagenet_script", script_runs, seconds=38)
 
 
 @pytest.mark.background("imagenet_script")

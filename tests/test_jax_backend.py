@@ -69,10 +69,13 @@ def distribution_run():
     return run_on_jax(["test_jax_distribution.py"], XLA_FLAGS=xla_flags)
 
 
-SUITE = background("jax_suite", lambda: run_on_jax(AGNOSTIC_MODULES))
-DISTRIBUTION = background("jax_distribution", distribution_run)
+SUITE = background("jax_suite", lambda: run_on_jax(AGNOSTIC_MODULES),
+                   seconds=134)
+DISTRIBUTION = background("jax_distribution", distribution_run,
+                          seconds=38)
 WITHOUT_TF = background("jax_without_tensorflow", lambda: run_on_jax(
-    ["test_without_tensorflow.py"], launcher=("-c", WITHOUT_TENSORFLOW)))
+    ["test_without_tensorflow.py"], launcher=("-c", WITHOUT_TENSORFLOW)),
+    seconds=13)
 
 
 @pytest.mark.background("jax_suite")

@@ -42,7 +42,7 @@ def run_demo():
     return result, plot
 
 
-DEMO = background("demo", run_demo)
+DEMO = background("demo", run_demo, seconds=28)
 
 
 @pytest.mark.background("demo")

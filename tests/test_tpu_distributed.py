@@ -143,7 +143,7 @@ def mirrored_runs():
     return tmp_path, runs, outputs
 
 
-MIRRORED = background("tpu_mirrored", mirrored_runs)
+MIRRORED = background("tpu_mirrored", mirrored_runs, seconds=37)
 
 
 @pytest.mark.background("tpu_mirrored")
@@ -190,7 +190,7 @@ def worker_runs():
     return tmp_path, model_dir, scratch, finish(processes)
 
 
-WORKERS = background("tpu_workers", worker_runs)
+WORKERS = background("tpu_workers", worker_runs, seconds=27)
 
 
 @pytest.mark.background("tpu_workers")
