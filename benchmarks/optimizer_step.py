@@ -29,7 +29,6 @@ bytes divided by the measured step time, so `x_floor = ms / floor_ms`.
 """
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
@@ -43,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from report import Report, run_record  # noqa: E402
 from shapes import SHAPE_SETS, shape_set  # noqa: E402
 
 FLOOR_BYTES = {
@@ -654,32 +654,15 @@ def main():
         return
     backends = (["tensorflow", "jax"] if args.backend == "all"
                 else [args.backend])
-    header = {"kind": "run", "date": datetime.datetime.now(
-        datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python"] + sys.argv),
-        "machine": platform.machine(), "cpus": os.cpu_count(),
-        "python": platform.python_version()}
-    records = [header]
-    print(json.dumps(header), flush=True)
-    jsonl = open(args.jsonl, "w") if args.jsonl else None
-    if jsonl:
-        jsonl.write(json.dumps(header) + "\n")
+    report = Report(args.jsonl, args.markdown)
+    report.emit(run_record(" ".join(["python"] + sys.argv),
+                           python=platform.python_version()))
     failed = False
     for backend in backends:
         for record in run_backend(backend, args):
-            records.append(record)
+            report.emit(record)
             failed = failed or "error" in record
-            print(json.dumps(record), flush=True)
-            if jsonl:
-                jsonl.write(json.dumps(record) + "\n")
-                jsonl.flush()
-    if jsonl:
-        jsonl.close()
-    table = markdown_table(records)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
+    report.finish(markdown_table(report.records))
     if failed:
         sys.exit(1)
 

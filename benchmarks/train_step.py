@@ -32,17 +32,17 @@ compare ratios from one run only.
 """
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+
+from report import Report, run_record  # noqa: E402
 
 # model -> (optimizer, reference optimizer)
 PAIRS = {"bert": ("keras_lamb.LAMB", "keras.AdamW"),
@@ -339,33 +339,15 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 
-    records = []
-    jsonl = open(args.jsonl, "w") if args.jsonl else None
-
-    def emit(record):
-        if record.get("kind") == "train_step":
-            records.append(record)
-        print(json.dumps(record), flush=True)
-        if jsonl:
-            jsonl.write(json.dumps(record) + "\n")
-
-    emit({"kind": "run", "date": datetime.datetime.now(
-        datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/train_step.py"]
-                            + sys.argv[1:]),
-        "machine": platform.machine(), "cpus": os.cpu_count(),
-        "keras": keras.__version__, "backend": keras.backend.backend()})
+    report = Report(args.jsonl, args.markdown)
+    report.emit(run_record(
+        " ".join(["python", "benchmarks/train_step.py"] + sys.argv[1:]),
+        keras=keras.__version__, backend=keras.backend.backend()))
     for model_name in args.models:
-        measure_model(args, model_name, emit)
+        measure_model(args, model_name, report.emit)
         keras.backend.clear_session()
-    if jsonl:
-        jsonl.close()
-    table = markdown_table(records)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
-
+    report.finish(markdown_table(
+        [r for r in report.records if r.get("kind") == "train_step"]))
 
 if __name__ == "__main__":
     main()

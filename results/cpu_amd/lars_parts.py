@@ -2,11 +2,12 @@
 LARS with no variable adapted (no norms, same weight decay), and the two
 norm passes alone (sums of squares of every w and g by `matvec`),
 interleaved: `python lars_parts.py bert-base 10`. One JSON line."""
-import json, os, statistics, sys, time
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [os.path.join(REPO, "benchmarks"), REPO]
+import json
+import os
+import sys
+
+from common import compiled_step, median_ms
+
 import tensorflow as tf  # noqa: E402
 import keras_lamb  # noqa: E402
 import optimizer_step as ob  # noqa: E402
@@ -19,12 +20,6 @@ variables = ob.make_keras_variables(shapes, ob.random_values(shapes, 0))
 grads = [tf.constant(g) for g in ob.random_values(shapes, 1)]
 
 
-def step(opt):
-    opt.build(variables)
-    return tf.function(lambda g: (opt.apply(g, variables),
-                                  opt.iterations)[1], jit_compile=True)
-
-
 def norms(g):
     return tf.add_n([
         sum_of_squares(tf.convert_to_tensor(v.value), "matvec")
@@ -32,24 +27,17 @@ def norms(g):
 
 
 fns = {
-    "sgd_momentum": step(ob.make_keras_optimizer("keras.SGD-momentum",
-                                                 set_name)),
-    "lars": step(ob.make_keras_optimizer("keras_lamb.LARS", set_name)),
-    "lars_no_norms": step(keras_lamb.LARS(
+    "sgd_momentum": compiled_step(
+        ob.make_keras_optimizer("keras.SGD-momentum", set_name), variables),
+    "lars": compiled_step(
+        ob.make_keras_optimizer("keras_lamb.LARS", set_name), variables),
+    "lars_no_norms": compiled_step(keras_lamb.LARS(
         0.1, momentum=0.9, weight_decay=1e-4,
         exclude_from_weight_decay=ob.EXCLUDE[set_name],
-        exclude_from_layer_adaptation=".*")),
+        exclude_from_layer_adaptation=".*"), variables),
     "norms_of_w_and_g": tf.function(norms, jit_compile=True),
 }
-for f in fns.values():
-    f(grads).numpy(); f(grads).numpy()
-times = {k: [] for k in fns}
-for _ in range(reps):
-    for k, f in fns.items():
-        start = time.perf_counter()
-        f(grads).numpy()
-        times[k].append(time.perf_counter() - start)
-ms = {k: round(1e3 * statistics.median(v), 1) for k, v in times.items()}
+ms = {k: round(v, 1) for k, v in median_ms(fns, grads, reps).items()}
 sgd = ms["sgd_momentum"]
 print(json.dumps({
     "shapes": set_name, "load": os.getloadavg()[0], "ms": ms,
