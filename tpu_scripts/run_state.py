@@ -49,6 +49,31 @@ class ChangedFlagsError(FlagError):
     """A restart whose flags differ from the run's identity."""
 
 
+class DataError(FlagError):
+    """Input data the run cannot use: a missing, truncated or corrupt file,
+    or a record count that differs from the one declared. The message names
+    the file (and the record where it is known); the scripts print it as one
+    `Error:` line and exit with status 1."""
+
+
+class Diverged(RuntimeError):
+    """The training loss or the weights became non-finite.
+
+    Attributes:
+        step: the global step at which it was detected.
+        detail: what was non-finite (e.g. `loss nan`).
+    """
+
+    def __init__(self, step, detail):
+        super().__init__(
+            f"training diverged at step {step}: {detail}. The run stopped; "
+            "its checkpoints up to the last finite one are kept. Lower the "
+            "learning rate (or check the data) and start a new --model_dir."
+        )
+        self.step = step
+        self.detail = detail
+
+
 def run_script(run, argv):
     """The body of a script's absl `main`: no stray arguments, quiet absl
     logging, then `run(FLAGS)` with a `FlagError` exiting cleanly."""
@@ -61,10 +86,11 @@ def run_script(run, argv):
 
 
 def exit_on_flag_error(fn, *args, **kwargs):
-    """Calls `fn`; a `FlagError` exits with its message (status 1)."""
+    """Calls `fn`; a `FlagError` (bad flag or data) or `Diverged` exits with
+    one `Error: ...` line (status 1) and no traceback."""
     try:
         return fn(*args, **kwargs)
-    except FlagError as e:
+    except (FlagError, Diverged) as e:
         raise SystemExit(f"Error: {e}") from None
 
 
