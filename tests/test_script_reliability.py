@@ -207,9 +207,9 @@ def test_time_based_checkpoints_every_loop(idx_dir, tmp_path):
         track_trust_ratios=False)
     record_checkpointed = run_state.RunRecord.checkpointed
 
-    def spy(self, step, seconds):
+    def spy(self, step, *args):
         saves.append(step)
-        return record_checkpointed(self, step, seconds)
+        return record_checkpointed(self, step, *args)
 
     run_state.RunRecord.checkpointed = spy
     try:

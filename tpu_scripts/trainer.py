@@ -263,6 +263,11 @@ class Trainer:
         self._last_save = self._segment_start = time.time()
         self._on_checkpoint = lambda *a: None
         self._saved_step = None
+        self._all_finite = None
+        self._sync_statistics = None
+        self._last_train_results = {}
+        self._record = None
+        self._summaries_off = False
 
     # ------------------------------------------------------------------ steps
 
@@ -377,31 +382,160 @@ class Trainer:
     # --------------------------------------------------------------- helpers
 
     def restore(self):
-        """Restores the latest checkpoint of `model_dir`; returns the step."""
+        """Restores the newest intact checkpoint of `model_dir`; returns the
+        step.
+
+        Checkpoints are found from their files (`run_state.list_checkpoints`),
+        so a lost or garbled `checkpoint` index hides none of them. A
+        checkpoint that cannot be read (truncated, corrupt) is moved aside
+        with a message naming it and the one restored instead; the index is
+        then rewritten to list the intact ones.
+        """
         if not self.model_dir:
             return 0
-        latest = tf.train.latest_checkpoint(self.model_dir)
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            self._saved_step = int(self.global_step.numpy())
-            self._log(
-                f"Restored {latest} at step {int(self.global_step.numpy())}."
+        checkpoints = run_state.list_checkpoints(self.model_dir)
+        index = tf.train.get_checkpoint_state(self.model_dir) if (
+            self._index_readable()) else None
+        damaged = []
+        for number, prefix in reversed(checkpoints):
+            try:
+                self.checkpoint.restore(prefix).assert_existing_objects_matched()
+            except (AssertionError, ValueError) as e:
+                raise run_state.FlagError(
+                    f"The checkpoint {prefix} does not match the model "
+                    f"({_first_line(e)}). Use the flags it was written "
+                    "with, or a new --model_dir."
+                ) from None
+            except Exception as e:  # noqa: BLE001 truncated, corrupt, missing
+                # (TensorFlow raises OpErrors, but also IndexError "Read
+                # less bytes than requested" for a cut data file.)
+                damaged.append(prefix)
+                self._log(f"Cannot read the checkpoint {prefix}: "
+                          f"{_first_line(e)}", flush=True)
+                continue
+            restored = int(self.global_step.numpy())
+            if damaged:
+                self._log(f"Restored {prefix} (step {restored}) instead of "
+                          f"the damaged {', '.join(damaged)}.", flush=True)
+            else:
+                self._log(f"Restored {prefix} at step {restored}.")
+            self._saved_step = restored
+            if damaged or index is None or (
+                    index.model_checkpoint_path.rstrip("/").split("/")[-1]
+                    != os.path.basename(prefix)):
+                self._repair_index(damaged, [p for n, p in checkpoints
+                                             if p not in damaged])
+            return restored
+        if damaged:
+            raise run_state.DataError(
+                f"No checkpoint in --model_dir={self.model_dir} can be read "
+                f"({', '.join(damaged)}). Restore them from a copy, or move "
+                "them away to train from step 0."
             )
         return int(self.global_step.numpy())
 
+    def _index_readable(self):
+        try:
+            return tf.train.get_checkpoint_state(self.model_dir) is not None
+        except (tf.errors.OpError, ValueError, Exception):  # text proto
+            return False
+
+    def _repair_index(self, damaged, intact):
+        """Sets the damaged checkpoints aside and rewrites the `checkpoint`
+        index with the intact ones (chief only; a new CheckpointManager
+        then knows which to delete)."""
+        if not self.is_chief:
+            return
+        for prefix in damaged:
+            run_state.set_aside(prefix, self._log)
+        from tensorflow.python.checkpoint import checkpoint_management
+
+        checkpoint_management.update_checkpoint_state_internal(
+            save_dir=self.model_dir, model_checkpoint_path=intact[-1],
+            all_model_checkpoint_paths=intact, save_relative_paths=True)
+        self.checkpoint_manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            distribute.writable_model_dir(self.model_dir, self.strategy),
+            max_to_keep=self.checkpoint_manager._max_to_keep,
+        )
+        self._log(f"Rewrote the checkpoint index of {self.model_dir}: "
+                  f"latest {os.path.basename(intact[-1])}.")
+
     def save(self):
         """Saves a checkpoint at the global step (every worker takes part;
-        only the chief's copy is kept); returns its path."""
+        only the chief's copy is kept); returns its path.
+
+        Raises `run_state.Diverged` instead if a weight is not finite (the
+        previous checkpoints stay the newest), and `run_state.FlagError`
+        naming the directory if the filesystem refuses the write (a full
+        disk): the previous checkpoint is intact.
+        """
         if self.checkpoint_manager is None:
             return None
-        path = self.checkpoint_manager.save(checkpoint_number=self.global_step)
+        self._sync_replica_statistics()
+        self._check_finite_weights()
+        try:
+            path = self.checkpoint_manager.save(
+                checkpoint_number=self.global_step)
+        except (tf.errors.OpError, OSError) as e:
+            raise run_state.FlagError(
+                f"Could not write a checkpoint at step "
+                f"{int(self.global_step.numpy())} to {self.model_dir}: "
+                f"{_first_line(e)}. The previous checkpoint is intact; free "
+                "space (or fix the permissions) and restart to resume."
+            ) from None
         self._checkpointed(time.time())
         return path
+
+    def _sync_replica_statistics(self):
+        """Sets every replica's copy of the model's non-trainable float
+        variables (batch-norm moving statistics) to their mean over the
+        replicas.
+
+        Under `tf.distribute` each replica updates its own copy of them,
+        and a checkpoint keeps only the first replica's; without this an
+        evaluation after a restart (every replica holding the first one's
+        statistics) differs from the same evaluation in an uninterrupted
+        run (each replica using its own). Done before every evaluation and
+        checkpoint, so both runs evaluate and save the same values.
+        """
+        if self.strategy.num_replicas_in_sync == 1:
+            return
+        if self._sync_statistics is None:
+            variables = [v for v in self.model.non_trainable_variables
+                         if "float" in str(v.dtype)]
+            if not variables:
+                self._sync_statistics = lambda: None
+                return
+
+            def sync():
+                context = tf.distribute.get_replica_context()
+                means = context.all_reduce(
+                    tf.distribute.ReduceOp.MEAN,
+                    [tf.identity(v.value) for v in variables])
+                for v, mean in zip(variables, means):
+                    v.assign(mean)
+
+            self._sync_statistics = tf.function(
+                lambda: self.strategy.run(sync))
+        self._sync_statistics()
+
+    def _check_finite_weights(self):
+        if self._all_finite is None:
+            variables = list(self.model.variables)
+            self._all_finite = tf.function(lambda: tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(v.value))
+                 for v in variables if "float" in str(v.dtype)]))
+        if not bool(self._all_finite()):
+            raise run_state.Diverged(
+                int(self.global_step.numpy()),
+                "a weight is not finite at the checkpoint")
 
     def _checkpointed(self, now):
         self._last_save = now
         self._saved_step = int(self.global_step.numpy())
-        self._on_checkpoint(self._saved_step, now - self._segment_start)
+        self._on_checkpoint(self._saved_step, now - self._segment_start,
+                            self._last_train_results)
 
     def learning_rate(self):
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
@@ -434,13 +568,15 @@ class Trainer:
         `steps_per_epoch`), every example once."""
         for m in self.eval_metrics.values():
             m.reset_state()
+        self._sync_replica_statistics()
         iterator = iter(self._distribute(eval_input))
         self._eval_loop(iterator, tf.constant(eval_input.steps_per_epoch))
         return self._results(self.eval_metrics)
 
     def train(self, train_input, train_steps, eval_input=None,
               eval_every_steps=0, checkpoint_every_steps=0,
-              checkpoint_every_seconds=0, on_checkpoint=None, stop_fn=None):
+              checkpoint_every_seconds=0, on_checkpoint=None, stop_fn=None,
+              record=None):
         """Trains to `train_steps` global steps, resuming from `model_dir`.
 
         Args:
@@ -454,15 +590,20 @@ class Trainer:
             checkpoint_every_seconds: also save at the first loop boundary
                 this long after the last save (0: never by time). Under
                 `MultiWorkerMirroredStrategy` the workers agree on it.
-            on_checkpoint: called as `on_checkpoint(step, train_seconds)`
-                after every save (e.g. `run_state.RunRecord.checkpointed`).
+            on_checkpoint: called as `on_checkpoint(step, train_seconds,
+                train_metrics)` after every save.
             stop_fn: optional callable, given the metrics of every
                 evaluation (the final one too); training stops (after a
                 checkpoint) when it returns True.
+            record: optional `run_state.RunRecord`: told of every loop
+                (`loop_finished`), checkpoint (`checkpointed`, unless
+                `on_checkpoint` is given) and divergence (`diverged`).
 
         On SIGTERM (with a `model_dir`) the run saves a checkpoint at the
-        next loop boundary and raises `run_state.Preempted`; see
-        `_PreemptionWatcher`.
+        next loop boundary, the last one included, and raises
+        `run_state.Preempted`; see `_PreemptionWatcher`. A non-finite
+        training loss (or a non-finite weight at a checkpoint) raises
+        `run_state.Diverged` before anything non-finite is saved.
 
         Returns:
             A dict: `step`, `train` (last loop's metrics), `eval` (last
@@ -478,6 +619,23 @@ class Trainer:
                             ("train_steps", train_steps)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0. Received: {value}.")
+        self._record = record
+        if on_checkpoint is None and record is not None:
+            on_checkpoint = record.checkpointed
+        try:
+            return self._train(train_input, train_steps, eval_input,
+                               eval_every_steps, checkpoint_every_steps,
+                               checkpoint_every_seconds, on_checkpoint,
+                               stop_fn)
+        except run_state.Diverged as e:
+            self._log(f"Diverged at step {e.step}: {e.detail}.", flush=True)
+            if record is not None:
+                record.diverged(e.step, e.detail)
+            raise
+
+    def _train(self, train_input, train_steps, eval_input, eval_every_steps,
+               checkpoint_every_steps, checkpoint_every_seconds,
+               on_checkpoint, stop_fn):
         steps_per_epoch = train_input.steps_per_epoch
         step = self.restore()
         start_step, start_time = step, time.time()
@@ -502,11 +660,15 @@ class Trainer:
                     train_results, seconds = self._run_loop(
                         iterator, step, stop, train_steps, steps_per_epoch
                     )
+                    self._last_train_results = train_results
                     loops += 1
                     if loops > 1:  # the first loop traces and compiles
                         steady_steps += stop - step
                         steady_seconds += seconds
                     step = stop
+                    if self._record is not None:
+                        self._record.loop_finished(
+                            step, time.time() - self._segment_start)
                     evaluate = eval_input is not None and eval_every_steps and (
                         step % eval_every_steps == 0 and step < train_steps
                     )
@@ -523,15 +685,17 @@ class Trainer:
                         self.save()
                     if step < train_steps and not stopped:
                         watcher.stop_if_preempted(step)
-        train_seconds = time.time() - start_time
-        if self._saved_step != step:  # (rewriting a checkpoint can tear it)
-            self.save()
-        if eval_input is not None and evaluated_at != step:
-            eval_results = self._evaluate_and_log(eval_input, step)
-            if stop_fn:
-                stop_fn(eval_results)
-        self._train_writer.flush()
-        self._eval_writer.flush()
+            train_seconds = time.time() - start_time
+            if self._saved_step != step:  # (rewriting a checkpoint can tear it)
+                self.save()
+            # A SIGTERM during the last loop or the final save: the
+            # checkpoint is there; stop before the final evaluation.
+            watcher.stop_if_preempted(step)
+            if eval_input is not None and evaluated_at != step:
+                eval_results = self._evaluate_and_log(eval_input, step)
+                if stop_fn:
+                    stop_fn(eval_results)
+        self._flush_summaries()
         steps_run = step - start_step
         return {
             "step": step,
@@ -548,6 +712,23 @@ class Trainer:
                 if steady_steps else None
             ),
         }
+
+    def _flush_summaries(self):
+        for writer in (self._train_writer, self._eval_writer):
+            self._summaries(writer.flush)
+
+    def _summaries(self, write, *args):
+        """Runs a TensorBoard write; a failure (a full disk) is reported
+        once and turns summaries off instead of stopping the run."""
+        if self._summaries_off:
+            return
+        try:
+            write(*args)
+        except (tf.errors.OpError, OSError) as e:
+            self._summaries_off = True
+            self._log(f"TensorBoard summaries stopped: writing to "
+                      f"{self.model_dir} failed ({_first_line(e)}). "
+                      "Training goes on.", flush=True)
 
     def _run_loop(self, iterator, step, stop, train_steps, steps_per_epoch):
         """Runs steps `step..stop`, logs and writes summaries; returns the
@@ -566,13 +747,23 @@ class Trainer:
             + f" lr {learning_rate:.4g} {images_per_second:.0f} images/s",
             flush=True,
         )
+        loss = train_results.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise run_state.Diverged(
+                stop, f"the training loss of steps {step + 1}-{stop} is "
+                f"{loss} (learning rate {learning_rate:.4g})")
+        self._summaries(self._write_loop_summaries, train_results,
+                        learning_rate, images_per_second, stop)
+        return train_results, seconds
+
+    def _write_loop_summaries(self, train_results, learning_rate,
+                              images_per_second, stop):
         with self._train_writer.as_default():
             for name, value in train_results.items():
                 write_scalar(name, value, stop)
             write_scalar("learning_rate", learning_rate, stop)
             write_scalar("images_per_second", images_per_second, stop)
             self._write_trust_ratios(stop)
-        return train_results, seconds
 
     def _all_agree(self, flag):
         """`flag` on every worker if it is true on any (a time-based save is
@@ -595,10 +786,20 @@ class Trainer:
             + " ".join(f"{k} {v:.4f}" for k, v in results.items()),
             flush=True,
         )
+        self._summaries(self._write_eval_summaries, results, step)
+        return results
+
+    def _write_eval_summaries(self, results, step):
         with self._eval_writer.as_default():
             for name, value in results.items():
                 write_scalar(name, value, step)
-        return results
+
+
+def _first_line(error):
+    """The first line of an error's message (TensorFlow's carry a
+    traceback of graph ops after it)."""
+    text = getattr(error, "message", None) or str(error)
+    return text.strip().splitlines()[0] if text.strip() else repr(error)
 
 
 class _HandlerExit(Exception):

@@ -228,6 +228,8 @@ def run(flags_, log=print):
         epsilon=1e-6, clipnorm=1.0, momentum=0.9, trust_coefficient=1e-3,
         gradient_accumulation_steps=1,
     )
+    record.check_plan(dict(plan, global_batch_size=flags_.global_batch_size,
+                           train_features=len(train_arrays["input_ids"])))
     config = bert_models.load_bert_config(
         flags_.bert_config, vocabulary_size=len(vocabulary),
         dropout=flags_.dropout,
@@ -257,7 +259,7 @@ def run(flags_, log=print):
         train_input, train_steps,
         checkpoint_every_steps=train_input.steps_per_epoch,
         checkpoint_every_seconds=60 * flags_.checkpoint_every_minutes,
-        on_checkpoint=record.checkpointed,
+        record=record,
     )
     totals = record.totals(flags_.global_batch_size)
     start_logits, end_logits = bert_squad.predict_logits(

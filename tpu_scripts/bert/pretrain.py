@@ -620,6 +620,7 @@ def train(flags_, strategy=None, log=print):
     finished = record.start()
     if finished is not None:
         return None, finished
+    record.check_plan(plan)
     keras.utils.set_random_seed(flags_.seed)
     for patterns in filter(None, (flags_.input_files, flags_.eval_files)):
         bert_data.check_record_lengths(
@@ -659,7 +660,7 @@ def train(flags_, strategy=None, log=print):
         eval_every_steps=flags_.eval_every_steps,
         checkpoint_every_steps=flags_.save_checkpoints_steps,
         checkpoint_every_seconds=60 * flags_.checkpoint_every_minutes,
-        on_checkpoint=record.checkpointed,
+        record=record,
     )
     totals = record.totals(plan["global_batch_size"])
     results = dict(

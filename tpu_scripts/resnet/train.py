@@ -838,6 +838,11 @@ def run(flags_, log=print):
     plan = optimizer_plan(flags_, steps_per_epoch, train_steps, track)
     settings = plan["settings"]
     log("Optimizer: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    record.check_plan(dict(
+        settings, global_batch_size=global_batch_size,
+        train_steps=train_steps, steps_per_epoch=steps_per_epoch,
+        train_examples=getattr(train_input, "num_examples", None),
+        label_smoothing=plan["label_smoothing"]))
     trainer = Trainer(
         strategy, build_task(flags_, input_shape, num_classes, plan),
         plan["optimizer_fn"], global_batch_size,
@@ -855,8 +860,7 @@ def run(flags_, log=print):
         eval_every_steps=eval_every_steps,
         checkpoint_every_steps=flags_.checkpoint_every or steps_per_epoch,
         checkpoint_every_seconds=60 * flags_.checkpoint_every_minutes,
-        on_checkpoint=record.checkpointed,
-        stop_fn=evaluations,
+        record=record, stop_fn=evaluations,
     )
     totals = record.totals(global_batch_size)
     results = {
