@@ -530,7 +530,7 @@ def full_disk_run():
         argv = script_flags(data_dir, model_dir, train_steps=120,
                             checkpoint_every=20, steps_per_loop=10)
         victim = start(argv)
-        read_until(victim, "step 30/120")
+        read_until(victim, "step 24/120")
         # Fill the disk: the next checkpoint (and TensorBoard) fail.
         filler = os.path.join(mount, "filler")
         with open(filler, "wb") as f:

@@ -737,6 +737,9 @@ class Trainer:
             m.reset_state()
         loop_start = time.time()
         self._train_loop(iterator, tf.constant(stop - step))
+        # At every loop boundary, where a preemption may save: a resumed
+        # run then holds exactly what an uninterrupted one does.
+        self._sync_replica_statistics()
         train_results = self._results(self.train_metrics)  # syncs
         seconds = time.time() - loop_start
         images_per_second = (stop - step) * self.global_batch_size / seconds
@@ -799,7 +802,8 @@ def _first_line(error):
     """The first line of an error's message (TensorFlow's carry a
     traceback of graph ops after it)."""
     text = getattr(error, "message", None) or str(error)
-    return text.strip().splitlines()[0] if text.strip() else repr(error)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 class _HandlerExit(Exception):
