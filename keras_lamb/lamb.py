@@ -67,6 +67,11 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         track_trust_ratios: bool; if `True`, the optimizer keeps the last
             step's per-variable norms and ratio (`trust_ratio_stats()`), at the
             cost of four float32 scalars per variable. Defaults to `False`.
+        warn_unmatched_exclusions: bool; if `True` (the default), `build`
+            warns about each exclusion pattern that matches no variable (a
+            typo such as `"LayerNorm"` for keras-hub's `"layer_norm"` would
+            otherwise decay and adapt every variable in silence).
+            `exclusions()` lists what each pattern matches.
         **kwargs: the base optimizer keywords (`clipnorm`, `global_clipnorm`,
             `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
             `loss_scale_factor`, `gradient_accumulation_steps`, `name`), each
@@ -113,6 +118,7 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         bias_correction=True,
         trust_ratio_bounds=None,
         track_trust_ratios=False,
+        warn_unmatched_exclusions=True,
         name="lamb",
         **kwargs,
     ):
@@ -127,6 +133,7 @@ class LAMB(LayerwiseAdaptiveOptimizer):
             exclude_from_weight_decay=exclude_from_weight_decay,
             exclude_from_layer_adaptation=exclude_from_layer_adaptation,
             track_trust_ratios=track_trust_ratios,
+            warn_unmatched_exclusions=warn_unmatched_exclusions,
             name=name,
             **kwargs,
         )

@@ -64,6 +64,11 @@ class LARS(LayerwiseAdaptiveOptimizer):
         clip_trust_ratio: bool, LARC clipping as above. Defaults to `False`.
         track_trust_ratios: bool; if `True`, keep the last step's per-variable
             norms and ratio (`trust_ratio_stats()`). Defaults to `False`.
+        warn_unmatched_exclusions: bool; if `True` (the default), `build`
+            warns about each exclusion pattern that matches no variable (a
+            typo such as `"LayerNorm"` for keras-hub's `"layer_norm"` would
+            otherwise decay and adapt every variable in silence).
+            `exclusions()` lists what each pattern matches.
         **kwargs: the base optimizer keywords (`clipnorm`, `global_clipnorm`,
             `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
             `loss_scale_factor`, `gradient_accumulation_steps`, `name`), each
@@ -115,6 +120,7 @@ class LARS(LayerwiseAdaptiveOptimizer):
         exclude_from_layer_adaptation=None,
         clip_trust_ratio=False,
         track_trust_ratios=False,
+        warn_unmatched_exclusions=True,
         name="lars",
         **kwargs,
     ):
@@ -131,6 +137,7 @@ class LARS(LayerwiseAdaptiveOptimizer):
             exclude_from_weight_decay=exclude_from_weight_decay,
             exclude_from_layer_adaptation=exclude_from_layer_adaptation,
             track_trust_ratios=track_trust_ratios,
+            warn_unmatched_exclusions=warn_unmatched_exclusions,
             name=name,
             **kwargs,
         )

@@ -2,6 +2,7 @@
 
 import functools
 import re
+import warnings
 
 import keras
 from keras import ops
@@ -237,6 +238,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         exclude_from_layer_adaptation,
         track_trust_ratios,
         name,
+        warn_unmatched_exclusions=True,
         **kwargs,
     ):
         learning_rate = _check_learning_rate(learning_rate)
@@ -253,6 +255,9 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         track_trust_ratios = check_bool(
             "track_trust_ratios", track_trust_ratios
         )
+        warn_unmatched_exclusions = check_bool(
+            "warn_unmatched_exclusions", warn_unmatched_exclusions
+        )
         kwargs = _check_base_arguments(kwargs)
         # weight_decay=None keeps the base class's decoupled decay off.
         super().__init__(
@@ -262,6 +267,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         self._decay_rule = decay_rule
         self._adaptation_rule = adaptation_rule
         self.track_trust_ratios = track_trust_ratios
+        self.warn_unmatched_exclusions = warn_unmatched_exclusions
 
     def build(self, var_list):
         if self.built:
@@ -278,12 +284,72 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         self._apply_adaptation = [
             not self._adaptation_rule.excludes(v) for v in var_list
         ]
+        if self.warn_unmatched_exclusions:
+            self._warn_unmatched_exclusions(var_list)
         self._stats = None
         if self.track_trust_ratios:
             self._stats = {
                 stat: [self._add_stat(stat, v) for v in var_list]
                 for stat in STAT_NAMES
             }
+
+    def exclusions(self, var_list=None):
+        """Which variables each exclusion pattern matches.
+
+        Args:
+            var_list: the variables to match (default: those the optimizer
+                was built with).
+
+        Returns:
+            `{"exclude_from_weight_decay": {pattern: [variable paths]},
+            "exclude_from_layer_adaptation": {pattern: [variable paths]}}`;
+            a callable rule is listed as `"<callable>"`. A pattern with an
+            empty list excludes nothing.
+        """
+        if var_list is None:
+            if not self.built:
+                raise ValueError(
+                    "The optimizer is not built yet: pass `var_list` (e.g. "
+                    "`model.trainable_variables`) or build it first."
+                )
+            var_list = self._trainable_variables
+        variables = [v for v in var_list
+                     if not _overwritten_with_gradient(v)]
+        return {
+            "exclude_from_weight_decay": self._decay_rule.matches(variables),
+            "exclude_from_layer_adaptation": self._adaptation_rule.matches(
+                variables),
+        }
+
+    def _warn_unmatched_exclusions(self, var_list):
+        """A warning for each exclusion pattern that matches no variable:
+        a typo there silently decays and adapts the LayerNorm and bias
+        variables it was meant to spare."""
+        variables = [v for v in var_list if not _overwritten_with_gradient(v)]
+        if not variables:
+            return
+        for argument, matched in self.exclusions(variables).items():
+            if argument == "exclude_from_weight_decay" and (
+                    not self.weight_decay):
+                continue  # no decay: its exclusions change nothing
+            for pattern, paths in matched.items():
+                if paths or pattern == "<callable>":
+                    continue
+                examples = ", ".join(repr(variable_path(v))
+                                     for v in variables[:4])
+                more = (f" and {len(variables) - 4} more"
+                        if len(variables) > 4 else "")
+                warnings.warn(
+                    f"{self.__class__.__name__}: the pattern {pattern!r} of "
+                    f"`{argument}` matches none of the {len(variables)} "
+                    f"variables (it is searched in `variable.path`, e.g. "
+                    f"{examples}{more}). Fix the pattern, or pass "
+                    "`warn_unmatched_exclusions=False` if the model has no "
+                    "such variable. `optimizer.exclusions()` lists what each "
+                    "pattern matches.",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def _check_trainable_dtype(self, variable):
         """A `ValueError` unless the optimizer can step `variable`: its
@@ -522,6 +588,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                     self._adaptation_rule.get_config()
                 ),
                 "track_trust_ratios": self.track_trust_ratios,
+                "warn_unmatched_exclusions": self.warn_unmatched_exclusions,
             }
         )
         return config

@@ -206,6 +206,16 @@ class ExclusionRule:
         path = variable_path(variable)
         return any(p.search(path) for p in self._patterns)
 
+    def matches(self, variables):
+        """`{pattern: [paths of the variables it matches]}` for each regular
+        expression of the rule (for a callable: `{"<callable>": [...]}`)."""
+        paths = [variable_path(v) for v in variables]
+        if self._callable is not None:
+            return {"<callable>": [p for p, v in zip(paths, variables)
+                                   if self._callable(v)]}
+        return {p.pattern: [path for path in paths if p.search(path)]
+                for p in self._patterns}
+
     def extended(self, patterns):
         """A new rule that also excludes the given regular expressions."""
         if self._callable is not None:

@@ -18,6 +18,7 @@ LAMB_NON_DEFAULT = dict(
     bias_correction=False,
     trust_ratio_bounds=[0.01, 10.0],
     track_trust_ratios=True,
+    warn_unmatched_exclusions=False,
     clipnorm=None,
     global_clipnorm=1.0,
     use_ema=True,
@@ -39,6 +40,7 @@ LARS_NON_DEFAULT = dict(
     exclude_from_layer_adaptation=["batch_norm"],
     clip_trust_ratio=True,
     track_trust_ratios=True,
+    warn_unmatched_exclusions=False,
     clipvalue=5.0,
     use_ema=True,
     ema_momentum=0.5,
@@ -132,6 +134,8 @@ BAD_LAMB = [
     (dict(exclude_from_layer_adaptation=["bias", 1]), r"Argument `exclude_from_layer_adaptation` must be .* Received: exclude_from_layer_adaptation=\['bias', 1\]"),
     (dict(exclude_from_layer_adaptation="bias("), r"Argument `exclude_from_layer_adaptation` contains an invalid regular expression 'bias\('"),
     (dict(track_trust_ratios=1), r"Argument `track_trust_ratios` must be a bool"),
+    (dict(warn_unmatched_exclusions="no"),
+     r"Argument `warn_unmatched_exclusions` must be a bool"),
 ]
 
 BAD_LARS = [

@@ -23,6 +23,7 @@ AGNOSTIC_MODULES = [
     "test_training.py",
     "test_fast_path.py",
     "test_hardening.py",
+    "test_exclusions.py",
 ]
 # Run as `python -c`, before pytest or Keras import anything: TensorFlow then
 # fails to import as it does where it is not installed.
