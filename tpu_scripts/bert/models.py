@@ -255,5 +255,23 @@ def load_pretrained_weights(pretrainer, path):
     return prefix
 
 
+def checkpoint_dropout_state(checkpoint, model):
+    """Adds the state of `model`'s dropout to `checkpoint` (a
+    `tf.train.Checkpoint`, e.g. the trainer's), so that a resumed run draws
+    the masks the uninterrupted run would have drawn.
+
+    Each Keras dropout layer draws its masks from a `keras.random.
+    SeedGenerator` whose state variable advances at every call; it is one of
+    `model.variables` but not of the layer's checkpointed weights, so without
+    this a restart replays the masks of step 0. The states are listed in the
+    model's layer order (the same in every process). Returns them.
+    """
+    states = [generator.state for layer in model._flatten_layers()
+              for generator in layer._seed_generators]
+    if states:
+        checkpoint.dropout_state = states
+    return states
+
+
 def count_parameters(model):
     return int(sum(int(tf.size(v)) for v in model.trainable_variables))

@@ -494,7 +494,7 @@ NOT_IDENTITY_FLAGS = (
     "strategy", "tpu", "num_cpu_devices", "collective", "jit_compile",
     "eval_files", "model_dir", "steps_per_loop", "save_checkpoints_steps",
     "eval_every_steps", "checkpoint_every_minutes", "results_json",
-    "track_trust_ratios", "allow_changed_flags",
+    "track_trust_ratios", "allow_changed_flags", "deterministic",
 )
 
 
@@ -593,6 +593,8 @@ def train(flags_, strategy=None, log=print):
     if strategy is None:
         # Before anything creates a tensor (a recipe builds its optimizer).
         distribute.configure_cpu_devices(flags_.num_cpu_devices)
+    if getattr(flags_, "deterministic", False):
+        tf.config.experimental.enable_op_determinism()
     plan = plan_hyperparameters(flags_)
     if strategy is None:
         strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
@@ -645,6 +647,7 @@ def train(flags_, strategy=None, log=print):
         jit_compile=flags_.jit_compile, log=log,
         gradient_accumulation_steps=k,
     )
+    bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model)
     initialised_from = None
     resuming = flags_.model_dir and tf.train.latest_checkpoint(
         flags_.model_dir
@@ -818,7 +821,12 @@ def _define_flags(flags, f):
     flags.DEFINE_integer(
         "eval_every_steps", 0, "Evaluate --eval_files every this many "
         "updates (0: at the end only).", **f)
-    flags.DEFINE_integer("seed", 0, "Seed of weights and shuffling.", **f)
+    flags.DEFINE_integer("seed", 0, "Seed of weights, shuffling and "
+                         "dropout.", **f)
+    flags.DEFINE_boolean(
+        "deterministic", False, "Turn on TensorFlow op determinism "
+        "(tf.config.experimental.enable_op_determinism) for bit-identical "
+        "reruns and resumes on GPUs and TPUs (slower).", **f)
     flags.DEFINE_string(
         "results_json", None, "Where to write results.json (default: "
         "--model_dir/results.json).", **f)
