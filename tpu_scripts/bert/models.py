@@ -19,6 +19,8 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+from tpu_scripts.run_state import DataError, FlagError
+
 BERT_INITIALIZER_STDDEV = 0.02  # `initializer_range` of every BERT config
 
 
@@ -86,8 +88,16 @@ def load_bert_config(name_or_path, **overrides):
     if name_or_path in BERT_CONFIGS:
         config = BERT_CONFIGS[name_or_path]
     elif name_or_path.endswith(".json") or tf.io.gfile.exists(name_or_path):
-        with tf.io.gfile.GFile(name_or_path) as f:
-            raw = json.load(f)
+        try:
+            with tf.io.gfile.GFile(name_or_path) as f:
+                raw = json.load(f)
+        except (OSError, ValueError, tf.errors.OpError) as e:
+            raise DataError(
+                f"Cannot read --bert_config={name_or_path}: {e}"
+            ) from None
+        if not isinstance(raw, dict):
+            raise DataError(f"--bert_config={name_or_path} is not a JSON "
+                            "object.")
         fields = {f.name for f in dataclasses.fields(BertConfig)}
         values = {}
         for key, value in raw.items():
@@ -95,13 +105,13 @@ def load_bert_config(name_or_path, **overrides):
             if key in fields:
                 values[key] = value
             elif key not in _IGNORED_GOOGLE_KEYS:
-                raise ValueError(
+                raise FlagError(
                     f"Unknown key {key!r} in BERT config {name_or_path!r}; "
                     f"expected google-research/bert keys or {sorted(fields)}."
                 )
         config = BertConfig(**values)
     else:
-        raise ValueError(
+        raise FlagError(
             f"Unknown --bert_config={name_or_path!r}; expected one of "
             f"{', '.join(BERT_CONFIGS)} or the path of a JSON file."
         )
@@ -230,10 +240,10 @@ def resolve_checkpoint(path):
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"No checkpoint in directory {path!r}.")
+            raise FlagError(f"No checkpoint in directory {path!r}.")
         return latest
     if not tf.io.gfile.exists(path + ".index"):
-        raise FileNotFoundError(
+        raise FlagError(
             f"No checkpoint {path!r} (expected {path}.index or a directory "
             "holding checkpoints)."
         )
