@@ -146,7 +146,7 @@ def test_unreadable_input_is_a_clear_error_and_writes_nothing(tmp_path,
         "missing": (run_state.DataError,
                     "No file matches --input_files pattern.*input.txt"),
         "directory": (run_state.DataError,
-                      "Cannot read input file.*directory"),
+                      "--input_files: .*input.txt is a directory"),
         "not_utf8": (run_state.DataError,
                      "input.txt' is not UTF-8 text: byte 0 \\(line 1\\)"),
     }[kind]

@@ -132,3 +132,249 @@ def test_resume_with_dropout_is_bit_identical(records, tmp_path):
     differ = [k for k in expected if not np.array_equal(got[k], expected[k])]
     assert not differ, f"{len(differ)} of {len(expected)} differ: {differ[:5]}"
     assert resumed["train"]["loss"] == whole["train"]["loss"]
+
+
+# ----------------------------------------------------------------------------
+# Item 3: create_pretraining_data --overwrite commits atomically.
+
+OLD = dict(RECORD_SETTINGS, num_shards=2)
+NEW = dict(RECORD_SETTINGS, num_shards=3, random_seed=2)
+
+
+def dataset_seen(output_dir):
+    """What a reader sees: the record bytes of each file, the vocabulary
+    and the metadata, all through the dataset folder's `CURRENT`."""
+    files = bert_data.expand_patterns(os.path.join(output_dir, "*.tfrecord"))
+    return dict(
+        records={os.path.basename(p): [r.numpy() for r in
+                                       tf.data.TFRecordDataset([p])]
+                 for p in files},
+        vocabulary=bert_data.load_vocabulary(
+            os.path.join(output_dir, "vocab.txt")),
+        metadata=bert_data.read_metadata(files),
+    )
+
+
+@pytest.fixture(scope="module")
+def old_and_new(records, tmp_path_factory):
+    """The datasets an overwrite replaces (`OLD`) and writes (`NEW`), as a
+    reader sees them when each is written alone."""
+    root = tmp_path_factory.mktemp("atomic")
+    seen = {}
+    for name, settings in (("old", OLD), ("new", NEW)):
+        bert_data.create_pretraining_data(
+            CORPUS, str(root / name), vocab_file=records["vocab"],
+            **settings, **QUIET)
+        seen[name] = dataset_seen(str(root / name))
+    assert seen["old"]["records"] != seen["new"]["records"]
+    return seen
+
+
+def assert_clean(output_dir):
+    """Only `CURRENT` and the version it names: no lock, no temporary
+    file, no unfinished or old version."""
+    version = bert_data.current_version(output_dir)
+    assert sorted(tf.io.gfile.listdir(output_dir)) == sorted(
+        ["CURRENT", os.path.basename(version)])
+
+
+# Overwrites `argv[2]` with NEW's settings and kills itself (SIGKILL: no
+# cleanup of any kind) at stage `argv[1]`.
+KILLED_WRITER = """
+import os, signal, sys
+from tpu_scripts.bert import data as bert_data
+
+stage, corpus, out, vocab = sys.argv[1:5]
+kill = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+if stage == "shards":  # half-way through the records
+    real, calls = bert_data.instance_to_example, []
+    def example(*args):
+        calls.append(1)
+        if len(calls) == 30:
+            kill()
+        return real(*args)
+    bert_data.instance_to_example = example
+elif stage == "switch":  # every file written, CURRENT not yet switched
+    bert_data.write_text = kill
+elif stage == "cleanup":  # switched, the old version not yet removed
+    real_write = bert_data.write_text
+    def write_then_kill(*args, **kwargs):
+        real_write(*args, **kwargs)
+        kill()
+    bert_data.write_text = write_then_kill
+bert_data.create_pretraining_data(
+    corpus, out, vocab_file=vocab, overwrite=True, log=lambda *a: None,
+    **%r)
+"""
+
+
+@pytest.mark.parametrize("stage, seen", [
+    ("shards", "old"), ("switch", "old"), ("cleanup", "new")])
+def test_overwrite_killed_at_any_stage_leaves_one_whole_dataset(
+        records, old_and_new, tmp_path, stage, seen):
+    out = str(tmp_path / "data")
+    bert_data.create_pretraining_data(CORPUS, out, vocab_file=records["vocab"],
+                                      **OLD, **QUIET)
+    process = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER % NEW, stage, CORPUS, out,
+         records["vocab"]], cwd=ROOT, env=environment(), timeout=60,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.returncode == -signal.SIGKILL, process.stdout[-2000:]
+    assert tf.io.gfile.exists(os.path.join(out, "LOCK"))  # killed holding it
+    assert dataset_seen(out) == old_and_new[seen]
+    # The next run removes what the killed one left, then commits.
+    bert_data.create_pretraining_data(CORPUS, out, vocab_file=records["vocab"],
+                                      overwrite=True, **NEW, **QUIET)
+    assert dataset_seen(out) == old_and_new["new"]
+    assert_clean(out)
+
+
+def test_overwrite_on_a_remote_filesystem(records, old_and_new, monkeypatch):
+    """gs://-style paths (ram://): an error before the switch leaves the
+    old dataset and no trace of the new one; after the switch, the new
+    one; stale files of killed runs are removed by the next run."""
+    out = f"ram://bert_atomic_{uuid.uuid4().hex[:8]}/data"
+    write = dict(vocab_file=records["vocab"], **QUIET)
+    bert_data.create_pretraining_data(CORPUS, out, **OLD, **write)
+    old_version = bert_data.current_version(out)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bert_data, "write_text", fail)  # the switch
+        with pytest.raises(RuntimeError, match="injected"):
+            bert_data.create_pretraining_data(CORPUS, out, overwrite=True,
+                                              **NEW, **write)
+    assert dataset_seen(out) == old_and_new["old"]
+    assert_clean(out)  # the unfinished version and the lock are gone
+    with monkeypatch.context() as patch:
+        patch.setattr(tf.io.gfile, "rmtree", fail)  # removing the old one
+        with pytest.raises(RuntimeError, match="injected"):
+            bert_data.create_pretraining_data(CORPUS, out, overwrite=True,
+                                              **NEW, **write)
+    assert dataset_seen(out) == old_and_new["new"]
+    assert tf.io.gfile.exists(old_version)
+    # What killed runs leave: a version never switched to, a temporary
+    # CURRENT, the lock of a process that has exited.
+    stale = [out + "/data-20260101T000000-dead00",
+             out + "/CURRENT.tmp-1-0123abcd", out + "/LOCK"]
+    tf.io.gfile.makedirs(stale[0])
+    run_state.write_text(stale[0] + "/pretrain-00000-of-00001.tfrecord", "x")
+    run_state.write_text(stale[1], "data-20260101T000000-dead00\n")
+    run_state.write_text(stale[2], json.dumps(
+        dict(host=bert_data.socket.gethostname(), pid=dead_pid())))
+    assert dataset_seen(out) == old_and_new["new"]
+    bert_data.create_pretraining_data(CORPUS, out, overwrite=True, **OLD,
+                                      **write)
+    assert dataset_seen(out) == old_and_new["old"]
+    assert_clean(out)
+    # pretrain and finetune read the folder, its files and vocab.txt.
+    assert bert_data.expand_patterns(out) == bert_data.expand_patterns(
+        out + "/*.tfrecord")
+    assert len(bert_data.load_records(out, 32, 5)["input_ids"]) == sum(
+        bert_data.read_metadata(bert_data.expand_patterns(out))[
+            "file_examples"])
+
+
+def dead_pid():
+    """The pid of a process that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_second_writer_and_a_file_as_output_dir_are_refused(records,
+                                                            tmp_path):
+    out = str(tmp_path / "data")
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(out, "LOCK"), "w") as f:
+            json.dump(dict(host=bert_data.socket.gethostname(),
+                           pid=holder.pid), f)
+        with pytest.raises(run_state.FlagError, match=(
+                f"--output_dir={out} is being written by another "
+                f"create_pretraining_data \\(pid {holder.pid}")):
+            bert_data.create_pretraining_data(
+                CORPUS, out, vocab_file=records["vocab"], **OLD, **QUIET)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.listdir(out) == ["LOCK"]  # the other run's files untouched
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(run_state.FlagError, match="is a file"):
+        bert_data.create_pretraining_data(
+            CORPUS, str(a_file), vocab_file=records["vocab"], **OLD, **QUIET)
+
+
+# ----------------------------------------------------------------------------
+# Items 5 and 12: truncated and corrupt records.
+
+
+@pytest.fixture
+def copied(records, tmp_path):
+    """A copy of the records' current version (free to damage); returns
+    `(folder, shard 1's path)`."""
+    folder = str(tmp_path / "copy")
+    shutil.copytree(bert_data.current_version(records["dir"]), folder)
+    return folder, os.path.join(folder, "pretrain-00001-of-00002.tfrecord")
+
+
+def train_error(records, folder, **overrides):
+    """The `DataError` of `pretrain.run` on the records in `folder`."""
+    argv = pretrain_args(records, input_files=folder + "/*.tfrecord",
+                         **overrides)
+    with pytest.raises(run_state.DataError) as error:
+        bert_pretrain.run(parse(bert_pretrain, argv), **QUIET)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("cut", ["mid_record", "whole_record"])
+def test_truncated_shard_is_refused_in_memory_and_streaming(
+        records, copied, cut):
+    folder, shard = copied
+    data = open(shard, "rb").read()
+    if cut == "mid_record":
+        data = data[:-10]
+    else:  # the file ends at a record boundary: only counts can tell
+        last = bert_data.count_framed_records(shard) - 1
+        offset = 0
+        for _ in range(last):
+            offset += 16 + int.from_bytes(data[offset:offset + 8], "little")
+        data = data[:offset]
+    open(shard, "wb").write(data)
+    message = train_error(records, folder, in_memory=True)
+    assert shard in message
+    assert ("is truncated: record" if cut == "mid_record"
+            else "records; metadata.json declares") in message
+    message = train_error(records, folder, in_memory=False)
+    assert f"{shard} has {len(data)} bytes; metadata.json declares" in message
+    # Without metadata.json (google-research/bert's files), the framing.
+    os.remove(os.path.join(folder, "metadata.json"))
+    if cut == "mid_record":
+        message = train_error(records, folder, in_memory=True)
+        assert f"{shard} is truncated: record" in message
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_corrupt_record_is_a_data_error_naming_the_file(records, copied,
+                                                        in_memory):
+    folder, shard = copied
+    data = bytearray(open(shard, "rb").read())
+    data[100] ^= 0xFF  # in record 0, whose CRC no longer matches
+    open(shard, "wb").write(bytes(data))
+    message = train_error(records, folder, in_memory=in_memory,
+                          shuffle_buffer=4)
+    assert f"{shard} is corrupt at record 0: " in message
+
+
+def test_truncated_shard_exits_with_one_error_line(records, copied):
+    folder, shard = copied
+    open(shard, "ab").write(b"\x00" * 5)  # a partial record header
+    status, output = run_script("pretrain.py", pretrain_args(
+        records, input_files=folder + "/*.tfrecord",
+        vocab_file=folder + "/vocab.txt"))
+    assert_one_error_line(status, output, shard)

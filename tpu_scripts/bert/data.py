@@ -36,6 +36,7 @@ import uuid
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 
 from tpu_scripts.run_state import DataError, FlagError, write_text
 
@@ -90,6 +91,11 @@ def expand_patterns(patterns, flag="--input_files"):
         if not matches:
             raise DataError(
                 f"No file matches {flag} pattern {pattern!r}."
+            )
+        if not glob.has_magic(pattern) and tf.io.gfile.isdir(pattern):
+            raise DataError(
+                f"{flag}: {pattern} is a directory; pass a glob of its "
+                f"files (e.g. {os.path.join(pattern, '*')})."
             )
         files.extend(matches)
     if not files:
@@ -964,7 +970,11 @@ def record_lengths(path):
             }
     except tf.errors.DataLossError as e:
         raise _corrupt_record_error(path, e) from None
-    except Exception as e:  # noqa: BLE001 (protobuf's DecodeError)
+    except tf.errors.OpError as e:
+        raise DataError(
+            f"Cannot read {path}: {e.message.splitlines()[0]}"
+        ) from None
+    except DecodeError as e:
         raise DataError(
             f"{path}: record 0 is not a tf.train.Example ({e})."
         ) from None
