@@ -378,3 +378,187 @@ def test_truncated_shard_exits_with_one_error_line(records, copied):
         records, input_files=folder + "/*.tfrecord",
         vocab_file=folder + "/vocab.txt"))
     assert_one_error_line(status, output, shard)
+
+
+# ----------------------------------------------------------------------------
+# Items 6, 11 and 14: one `Error:` line, before any expensive work.
+
+
+def script_error(module, argv):
+    """The message a script exits with (as `main` does: `run_state.
+    exit_on_flag_error` around its `run`), run in this process."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_state.exit_on_flag_error(module.run, parse(module, argv))
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("Error: ")
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(learning_rate="inf"),
+     "--learning_rate must be a finite number. Received: inf"),
+    (dict(beta_2="nan"), "--beta_2 must be a finite number"),
+    (dict(dropout="-inf"), "--dropout must be a finite number"),
+    (dict(warmup_steps=10, train_steps=4),
+     "--warmup_steps must be < --train_steps=4. Received: 10"),
+    (dict(global_batch_size=6, gradient_accumulation_steps=4),
+     "--gradient_accumulation_steps must be a divisor of "
+     "--global_batch_size=6. Received: 4"),
+    (dict(input_files="/no/such/*.tfrecord"),
+     "No file matches --input_files pattern '/no/such/*.tfrecord'"),
+    (dict(eval_files="/no/such/eval"),
+     "No file matches --eval_files pattern '/no/such/eval'"),
+    (dict(bert_config="/no/such/config.json"),
+     "Cannot read --bert_config=/no/such/config.json"),
+    (dict(init_checkpoint="/no/such/ckpt"),
+     "--init_checkpoint=/no/such/ckpt: no checkpoint"),
+])
+def test_pretrain_flag_errors_come_first(records, tmp_path, overrides,
+                                         expected):
+    model_dir = tmp_path / "run"
+    message = script_error(bert_pretrain, pretrain_args(
+        records, model_dir=str(model_dir), **overrides))
+    assert expected in message, message
+    assert not model_dir.exists()  # nothing written (run_identity.json)
+
+
+def test_a_batch_the_replicas_and_accumulation_do_not_divide(records):
+    status, output = run_script("pretrain.py", pretrain_args(
+        records, num_cpu_devices=2, strategy="mirrored", global_batch_size=6,
+        gradient_accumulation_steps=2))
+    assert_one_error_line(
+        status, output, "--global_batch_size=6 must be a multiple of "
+        "--gradient_accumulation_steps=2 x 2 replica(s)")
+
+
+def broken_vocabularies(records, tmp_path):
+    tokens = bert_data.load_vocabulary(records["vocab"])
+    broken = {}
+    for kind, lines in (("duplicate", tokens + [tokens[7]]),
+                        ("blank", tokens[:9] + [""] + tokens[9:])):
+        path = tmp_path / f"{kind}_vocab.txt"
+        path.write_text("".join(t + "\n" for t in lines))
+        broken[kind] = str(path)
+    return broken, tokens
+
+
+def test_vocabulary_with_a_repeated_token_or_blank_line(records, tmp_path):
+    broken, tokens = broken_vocabularies(records, tmp_path)
+    expected = {
+        "duplicate": (f"repeats token {tokens[7]!r} on line "
+                      f"{len(tokens) + 1} (first on line 8)"),
+        "blank": "has a blank token on line 10",
+    }
+    for kind, path in broken.items():
+        for module, argv in (
+                (bert_pretrain, pretrain_args(records, vocab_file=path)),
+                (create_pretraining_data(), [
+                    f"--input_files={CORPUS}", f"--vocab_file={path}",
+                    f"--output_dir={tmp_path / 'out'}"]),
+                (finetune_squad(), [
+                    f"--vocab_file={path}", f"--train_file={SQUAD}",
+                    f"--predict_file={SQUAD}", f"--bert_config={NANO}"])):
+            message = script_error(module, argv)
+            assert f"--vocab_file={path} {expected[kind]}" in message
+    assert not (tmp_path / "out").exists()  # refused before writing
+
+
+def create_pretraining_data():
+    sys.path.insert(0, SCRIPTS)
+    try:
+        import create_pretraining_data as module
+    finally:
+        sys.path.remove(SCRIPTS)
+    return module
+
+
+def finetune_squad():
+    from tpu_scripts.bert import finetune_squad as module
+    return module
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--num_shards=0", "--num_shards must be >= 1. Received: 0"),
+    ("--masked_lm_prob=1.5", "--masked_lm_prob must be in (0, 1). "
+     "Received: 1.5"),
+    ("--masked_lm_prob=nan", "--masked_lm_prob must be in (0, 1)"),
+    ("--short_seq_prob=-0.1", "--short_seq_prob must be in [0, 1]"),
+    ("--max_seq_length=2", "--max_seq_length must be >= 5. Received: 2"),
+    ("--max_predictions_per_seq=0", "--max_predictions_per_seq must be >= 1"),
+    ("--dupe_factor=0", "--dupe_factor must be >= 1"),
+    ("--vocab_size=3", "--vocab_size must be > 5"),
+    ("--output_prefix=a/b", "--output_prefix must be a file name prefix"),
+    ("--input_files=/no/such/*.txt",
+     "No file matches --input_files pattern '/no/such/*.txt'"),
+])
+def test_create_pretraining_data_checks_flags_before_reading(
+        tmp_path, monkeypatch, flag, expected):
+    def never(*args, **kwargs):
+        raise AssertionError("read the corpus before checking the flags")
+
+    monkeypatch.setattr(bert_data, "read_documents", never)
+    monkeypatch.setattr(bert_data, "build_vocabulary", never)
+    out = tmp_path / "out"
+    message = script_error(create_pretraining_data(), [
+        f"--input_files={CORPUS}", f"--output_dir={out}", flag])
+    assert expected in message, message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"Fine text.\nAnd more.\n\xff\xfe broken\n",
+     "is not UTF-8 text: byte 21 (line 3) is b'\\xff'"),
+    (b" \n\n", "holds no text"),
+])
+def test_create_pretraining_data_bad_input_text(tmp_path, content, expected):
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(content)
+    message = script_error(create_pretraining_data(), [
+        f"--input_files={text}", f"--output_dir={tmp_path / 'out'}",
+        "--vocab_size=100"])
+    assert f"{text}' {expected}" in message, message
+
+
+def test_create_pretraining_data_exits_with_one_error_line(tmp_path):
+    status, output = run_script("create_pretraining_data.py", [
+        f"--input_files={CORPUS}", f"--output_dir={tmp_path / 'out'}",
+        "--masked_lm_prob=1.5"], timeout=30)
+    assert_one_error_line(status, output, "--masked_lm_prob must be in (0, 1)")
+    status, output = run_script("create_pretraining_data.py",
+                                [f"--input_files={CORPUS}"], timeout=30)
+    assert_one_error_line(status, output, "--output_dir is required")
+
+
+def test_pretrain_exits_with_one_error_line(records, tmp_path):
+    status, output = run_script("pretrain.py", pretrain_args(
+        records, learning_rate="inf", model_dir=str(tmp_path / "run")))
+    assert_one_error_line(status, output, "--learning_rate must be a finite")
+
+
+def squad_argv(records, tmp_path, **overrides):
+    args = dict(train_file=SQUAD, predict_file=SQUAD,
+                vocab_file=records["vocab"], bert_config=NANO,
+                max_seq_length=64, doc_stride=32, max_query_length=16,
+                global_batch_size=4, train_steps=2, steps_per_loop=2,
+                model_dir=str(tmp_path / "squad"))
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def test_squad_missing_or_truncated_file(records, tmp_path):
+    missing = str(tmp_path / "train-v1.1.json")
+    status, output = run_script("finetune_squad.py", squad_argv(
+        records, tmp_path, train_file=missing))
+    assert_one_error_line(status, output, f"--train_file={missing} does not "
+                          "exist", "train-v1.1.json and dev-v1.1.json")
+    assert not (tmp_path / "squad").exists()  # nothing written before
+    truncated = tmp_path / "dev-v1.1.json"
+    truncated.write_bytes(open(SQUAD, "rb").read()[:-40])
+    message = script_error(finetune_squad(), squad_argv(
+        records, tmp_path, predict_file=str(truncated)))
+    assert f"{truncated} is not valid JSON" in message
+    for name in ("learning_rate", "warmup_proportion", "num_train_epochs"):
+        message = script_error(finetune_squad(), squad_argv(
+            records, tmp_path, **{name: "inf"}))
+        assert f"--{name} must be" in message

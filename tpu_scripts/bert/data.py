@@ -763,8 +763,8 @@ def create_pretraining_data(input_patterns, output_dir, vocab_file=None,
                    max_predictions_per_seq, masked_lm_prob, short_seq_prob,
                    dupe_factor, num_shards, output_prefix)
     paths = expand_patterns(input_patterns)
+    vocabulary = load_vocabulary(vocab_file) if vocab_file else None
     with DatasetWriter(output_dir, overwrite, log) as writer:
-        vocabulary = load_vocabulary(vocab_file) if vocab_file else None
         documents = read_documents(paths)
         if vocabulary is None:
             log(f"Learning a {vocabulary_size}-token WordPiece vocabulary "

@@ -147,6 +147,7 @@ def validate_flags(flags_):
     import tensorflow as tf
 
     from tpu_scripts.bert import data as bert_data
+    from tpu_scripts.bert import models as bert_models
 
     for name in ("train_file", "predict_file"):
         path = getattr(flags_, name)
@@ -158,6 +159,9 @@ def validate_flags(flags_):
                 "flag the run reads TFDS squad/v1.1."
             )
     bert_data.load_vocabulary(flags_.vocab_file)
+    bert_models.load_bert_config(flags_.bert_config)
+    if flags_.init_checkpoint:
+        bert_models.resolve_checkpoint(flags_.init_checkpoint)
 
 
 def _flag_values(flags_):

@@ -235,17 +235,19 @@ class BertSpanModel(keras.Model):
         self.span_head = span_head
 
 
-def resolve_checkpoint(path):
-    """A checkpoint prefix from a prefix or a directory (its latest)."""
+def resolve_checkpoint(path, flag="--init_checkpoint"):
+    """A checkpoint prefix from a prefix or a directory (its latest);
+    raises `run_state.FlagError` naming `flag` if there is none."""
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
-            raise FlagError(f"No checkpoint in directory {path!r}.")
+            raise FlagError(f"{flag}={path}: no checkpoint in that "
+                            "directory.")
         return latest
     if not tf.io.gfile.exists(path + ".index"):
         raise FlagError(
-            f"No checkpoint {path!r} (expected {path}.index or a directory "
-            "holding checkpoints)."
+            f"{flag}={path}: no checkpoint (expected {path}.index or a "
+            "directory holding checkpoints)."
         )
     return path
 

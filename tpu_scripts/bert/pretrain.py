@@ -554,6 +554,10 @@ def validate_flags(flags_):
             bert_data.expand_patterns(getattr(flags_, flag), f"--{flag}")
     if flags_.vocab_file:
         bert_data.load_vocabulary(flags_.vocab_file)
+    bert_models.load_bert_config(flags_.bert_config)
+    if flags_.init_checkpoint and not (
+            flags_.model_dir and tf.train.latest_checkpoint(flags_.model_dir)):
+        bert_models.resolve_checkpoint(flags_.init_checkpoint)
 
 
 def check_finite_flags(values):
