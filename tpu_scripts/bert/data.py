@@ -29,6 +29,7 @@ import glob
 import json
 import os
 import random
+import re
 import socket
 import time
 import unicodedata
@@ -920,9 +921,14 @@ def _corrupt_record_error(path, error):
         where = ""
     except tf.errors.OpError:
         where = f" at record {index}"
-    return DataError(
-        f"{path} is corrupt{where}: {error.message.splitlines()[0]}"
-    )
+    return DataError(f"{path} is corrupt{where}: {_op_message(error)}")
+
+
+def _op_message(error):
+    """The first line of a TensorFlow error's message, without the
+    `{{function_node ...}}` prefix of errors raised in a function."""
+    message = error.message.splitlines()[0]
+    return re.sub(r"^\{\{[^}]*\}\}\s*", "", message)
 
 
 def read_file_records(path, max_seq_length, max_predictions_per_seq):
@@ -955,7 +961,7 @@ def corrupt_records_named(*patterns):
                     raise _corrupt_record_error(path, file_error) from None
         raise DataError(
             f"A record of {', '.join(filter(None, patterns))} is corrupt: "
-            f"{e.message.splitlines()[0]}"
+            f"{_op_message(e)}"
         ) from None
 
 
@@ -971,9 +977,7 @@ def record_lengths(path):
     except tf.errors.DataLossError as e:
         raise _corrupt_record_error(path, e) from None
     except tf.errors.OpError as e:
-        raise DataError(
-            f"Cannot read {path}: {e.message.splitlines()[0]}"
-        ) from None
+        raise DataError(f"Cannot read {path}: {_op_message(e)}") from None
     except DecodeError as e:
         raise DataError(
             f"{path}: record 0 is not a tf.train.Example ({e})."
@@ -1074,7 +1078,8 @@ class _InputSpec:
         if training and num_examples < global_batch_size:
             raise FlagError(
                 f"The training set has {num_examples} examples, fewer than "
-                f"one global batch of {global_batch_size}."
+                f"one global batch of {global_batch_size} "
+                "(--global_batch_size)."
             )
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
