@@ -81,11 +81,19 @@ def assert_one_error_line(status, output, *fragments):
 def records(tmp_path_factory):
     """Two shards of the tiny corpus with a learnt vocabulary."""
     out = str(tmp_path_factory.mktemp("bert_reliability") / "seq32")
+    lines = []
     bert_data.create_pretraining_data(
         CORPUS, out, vocabulary_size=300, num_shards=2, **RECORD_SETTINGS,
-        **QUIET)
+        log=lines.append)
     return dict(dir=out, vocab=os.path.join(out, "vocab.txt"),
-                pattern=os.path.join(out, "*.tfrecord"))
+                pattern=os.path.join(out, "*.tfrecord"), log=lines)
+
+
+def test_a_learnt_vocabulary_smaller_than_asked_is_said(records):
+    size = len(bert_data.load_vocabulary(records["vocab"]))
+    assert size < 300
+    assert (f"The learnt vocabulary has {size} tokens, fewer than "
+            "--vocab_size=300") in "\n".join(records["log"])
 
 
 def pretrain_args(records, **overrides):

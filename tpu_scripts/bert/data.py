@@ -949,9 +949,16 @@ def corrupt_records_named(*patterns):
     """Turns a `tf.errors.DataLossError` raised inside (streaming input
     meeting a corrupt record) into a `run_state.DataError` naming the file
     and record: the files of `patterns` (`None`s skipped) are read again,
-    one by one, only after the error."""
+    one by one, only after the error. A record file removed while it was
+    streamed (its dataset overwritten) is a `DataError` too."""
     try:
         yield
+    except tf.errors.NotFoundError as e:
+        raise DataError(
+            f"A record file of {', '.join(filter(None, patterns))} was "
+            f"removed while the run read it ({_op_message(e)}); was its "
+            "dataset overwritten by create_pretraining_data?"
+        ) from None
     except tf.errors.DataLossError as e:
         for pattern in filter(None, patterns):
             for path in expand_patterns(pattern):
