@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import numpy as np
@@ -140,6 +139,35 @@ def test_resume_with_dropout_is_bit_identical(records, tmp_path):
     differ = [k for k in expected if not np.array_equal(got[k], expected[k])]
     assert not differ, f"{len(differ)} of {len(expected)} differ: {differ[:5]}"
     assert resumed["train"]["loss"] == whole["train"]["loss"]
+
+
+def test_resume_of_a_checkpoint_without_dropout_state(records, tmp_path,
+                                                      monkeypatch):
+    """A run checkpointed by the previous version (no dropout state)
+    still resumes, and says its masks differ."""
+    model_dir = str(tmp_path / "old")
+    argv = pretrain_args(records, train_steps=6, save_checkpoints_steps=3,
+                         model_dir=model_dir)
+    with monkeypatch.context() as patch:
+        patch.setattr(bert_pretrain.bert_models, "checkpoint_dropout_state",
+                      lambda *args: [])
+        patch.setattr(bert_pretrain.trainer.Trainer, "train", stop_at_3)
+        with pytest.raises(run_state.Preempted):
+            bert_pretrain.run(parse(bert_pretrain, argv), **QUIET)
+    lines = []
+    resumed = bert_pretrain.run(parse(bert_pretrain, argv),
+                                log=lambda *a, **k: lines.append(a[0]))
+    assert resumed["optimizer_updates"] == 6
+    assert any("holds no dropout state" in line for line in lines), lines
+
+
+REAL_TRAIN = bert_pretrain.trainer.Trainer.train
+
+
+def stop_at_3(self, train_input, train_steps, **kwargs):
+    """`Trainer.train` for 3 steps, then stopped as by a preemption."""
+    REAL_TRAIN(self, train_input, 3, **kwargs)
+    raise run_state.Preempted(3)
 
 
 # ----------------------------------------------------------------------------

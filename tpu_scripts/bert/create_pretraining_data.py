@@ -23,9 +23,9 @@ Phase-2 data (sequence 512) with the same vocabulary:
 `--output_dir` becomes a dataset folder: the shards, `vocab.txt` and
 `metadata.json` go into a new version folder `data-<time>-<id>/` inside it,
 and `--output_dir/CURRENT` names that folder once every file is complete.
-The scripts read through `CURRENT`: `--input_files='/tmp/bert/seq128/*.tfrecord'`
-(or just the folder) and `--vocab_file=/tmp/bert/seq128/vocab.txt` work as
-written, and see the old dataset or the new one, never a mix, even while
+The scripts read through `CURRENT`:
+`--input_files='/tmp/bert/seq128/*.tfrecord'` (or just the folder) and
+`--vocab_file=/tmp/bert/seq128/vocab.txt` work as written, and see the old dataset or the new one, never a mix, even while
 `--overwrite` replaces it or after a run was killed. `--output_dir` must be
 empty unless `--overwrite`; the old version is removed after the switch,
 and what a killed run left is removed by the next one. The same inputs and

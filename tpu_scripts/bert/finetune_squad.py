@@ -273,7 +273,8 @@ def run(flags_, log=print):
         steps_per_loop=flags_.steps_per_loop,
         jit_compile=flags_.jit_compile, log=log,
     )
-    bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model)
+    bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
+                                         flags_.model_dir, log)
     outcome = loop.train(
         train_input, train_steps,
         checkpoint_every_steps=train_input.steps_per_epoch,

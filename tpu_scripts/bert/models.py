@@ -267,7 +267,7 @@ def load_pretrained_weights(pretrainer, path):
     return prefix
 
 
-def checkpoint_dropout_state(checkpoint, model):
+def checkpoint_dropout_state(checkpoint, model, model_dir=None, log=print):
     """Adds the state of `model`'s dropout to `checkpoint` (a
     `tf.train.Checkpoint`, e.g. the trainer's), so that a resumed run draws
     the masks the uninterrupted run would have drawn.
@@ -276,10 +276,19 @@ def checkpoint_dropout_state(checkpoint, model):
     SeedGenerator` whose state variable advances at every call; it is one of
     `model.variables` but not of the layer's checkpointed weights, so without
     this a restart replays the masks of step 0. The states are listed in the
-    model's layer order (the same in every process). Returns them.
+    model's layer order (the same in every process). A run in `model_dir`
+    whose latest checkpoint has no dropout state (written by an older
+    version) resumes without it, as before. Returns the states added.
     """
     states = [generator.state for layer in model._flatten_layers()
               for generator in layer._seed_generators]
+    latest = model_dir and tf.train.latest_checkpoint(model_dir)
+    if latest and not any(name.startswith("dropout_state/")
+                          for name, _ in tf.train.list_variables(latest)):
+        log(f"{latest} holds no dropout state (an older checkpoint): the "
+            "resumed run's dropout masks differ from an uninterrupted "
+            "run's.")
+        return []
     if states:
         checkpoint.dropout_state = states
     return states

@@ -181,7 +181,8 @@ def plan_hyperparameters(flags_):
     recipe = flags_.recipe
     batch = flags_.global_batch_size
     if recipe == "lamb_paper" and not batch:
-        raise run_state.FlagError("--recipe=lamb_paper needs --global_batch_size.")
+        raise run_state.FlagError(
+            "--recipe=lamb_paper needs --global_batch_size.")
     plan = _recipe_numbers(recipe, flags_.phase, batch, flags_.train_steps,
                            flags_.weight_decay)
     plan.update(recipe=recipe, phase=flags_.phase, optimizer=flags_.optimizer)
@@ -204,7 +205,8 @@ def plan_hyperparameters(flags_):
     for name in ("global_batch_size", "train_steps", "max_seq_length",
                  "max_predictions_per_seq"):
         if not plan.get(name):
-            raise run_state.FlagError(f"--{name} is required with --recipe={recipe}.")
+            raise run_state.FlagError(
+                f"--{name} is required with --recipe={recipe}.")
     if "warmup_steps" not in plan:
         plan["warmup_steps"] = max(
             1, round(DEFAULTS["warmup_ratio"] * plan["train_steps"])
@@ -425,8 +427,9 @@ def build_train_input(flags_, plan):
             "max_predictions_per_seq")) != (seq, preds):
         raise run_state.FlagError(
             f"The records in {os.path.dirname(files[0])} have "
-            f"max_seq_length={metadata['max_seq_length']} and "
-            f"max_predictions_per_seq={metadata['max_predictions_per_seq']};"
+            f"max_seq_length={metadata.get('max_seq_length')} and "
+            "max_predictions_per_seq="
+            f"{metadata.get('max_predictions_per_seq')};"
             f" the run expects {seq} and {preds}. Pass --max_seq_length and "
             "--max_predictions_per_seq to match the data."
         )
@@ -687,7 +690,8 @@ def train(flags_, strategy=None, log=print):
         jit_compile=flags_.jit_compile, log=log,
         gradient_accumulation_steps=k,
     )
-    bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model)
+    bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
+                                         flags_.model_dir, log)
     initialised_from = None
     resuming = flags_.model_dir and tf.train.latest_checkpoint(
         flags_.model_dir
