@@ -284,8 +284,8 @@ def test_overwrite_on_a_remote_filesystem(records, old_and_new, monkeypatch):
                                               **NEW, **write)
     assert dataset_seen(out) == old_and_new["old"]
     assert_clean(out)  # the unfinished version and the lock are gone
-    with monkeypatch.context() as patch:
-        patch.setattr(tf.io.gfile, "rmtree", fail)  # removing the old one
+    with monkeypatch.context() as patch:  # removing the old version
+        patch.setattr(bert_data.DatasetWriter, "_remove_old", fail)
         with pytest.raises(RuntimeError, match="injected"):
             bert_data.create_pretraining_data(CORPUS, out, overwrite=True,
                                               **NEW, **write)

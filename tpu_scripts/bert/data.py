@@ -553,6 +553,7 @@ class DatasetWriter:
         self.log = log
         self.folder = None
         self._locked = False
+        self._switched = False
 
     def __enter__(self):
         if tf.io.gfile.exists(self.output_dir) and not tf.io.gfile.isdir(
@@ -580,8 +581,10 @@ class DatasetWriter:
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            if exc_type is not None and self.folder and tf.io.gfile.exists(
-                    self.folder):
+            # Once switched to, the folder is the dataset: keep it even if
+            # removing the old versions failed.
+            if (exc_type is not None and self.folder and not self._switched
+                    and tf.io.gfile.exists(self.folder)):
                 tf.io.gfile.rmtree(self.folder)
         finally:
             self._unlock()
@@ -595,6 +598,10 @@ class DatasetWriter:
         versions and any files of the old flat layout."""
         write_text(os.path.join(self.output_dir, CURRENT_FILENAME),
                    os.path.basename(self.folder) + "\n")
+        self._switched = True
+        self._remove_old()
+
+    def _remove_old(self):
         for name in self._names():
             path = os.path.join(self.output_dir, name)
             if path == self.folder or name in (CURRENT_FILENAME,
