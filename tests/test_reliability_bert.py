@@ -388,6 +388,16 @@ def test_truncated_shard_is_refused_in_memory_and_streaming(
             else "records; metadata.json declares") in message
     message = train_error(records, folder, in_memory=False)
     assert f"{shard} has {len(data)} bytes; metadata.json declares" in message
+    # Metadata of the previous version: the total count only.
+    metadata_path = os.path.join(folder, "metadata.json")
+    metadata = json.load(open(metadata_path))
+    del metadata["file_examples"], metadata["file_bytes"]
+    json.dump(metadata, open(metadata_path, "w"))
+    message = train_error(records, folder, in_memory=True)
+    if cut == "whole_record":
+        assert (f"The files of {folder} hold {metadata['num_examples'] - 1} "
+                f"records; its metadata.json declares "
+                f"{metadata['num_examples']}") in message
     # Without metadata.json (google-research/bert's files), the framing.
     os.remove(os.path.join(folder, "metadata.json"))
     if cut == "mid_record":

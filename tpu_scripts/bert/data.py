@@ -980,7 +980,8 @@ def corrupt_records_named(*patterns):
 
 
 def record_lengths(path):
-    """`{feature: length}` of the first record of TFRecord file `path`."""
+    """`{feature: length}` of the first record of TFRecord file `path`
+    (`None` if it has no record)."""
     try:
         for serialized in tf.data.TFRecordDataset([path]).take(1):
             example = tf.train.Example.FromString(serialized.numpy())
@@ -996,24 +997,30 @@ def record_lengths(path):
         raise DataError(
             f"{path}: record 0 is not a tf.train.Example ({e})."
         ) from None
-    raise DataError(f"No records in {path!r}.")
+    return None
 
 
 def check_record_lengths(files, max_seq_length, max_predictions_per_seq):
     """Raises `run_state.FlagError` naming the flags if the first record of
-    `files[0]` does not have `max_seq_length` tokens and
-    `max_predictions_per_seq` masked positions."""
-    lengths = record_lengths(files[0])
+    the first non-empty file does not have `max_seq_length` tokens and
+    `max_predictions_per_seq` masked positions (`run_state.DataError` if
+    no file has a record)."""
+    for path in files:  # shards beyond the number of records are empty
+        lengths = record_lengths(path)
+        if lengths is not None:
+            break
+    else:
+        raise DataError(f"No records in {', '.join(files)}.")
     missing = [n for n in GOOGLE_FEATURE_NAMES if n not in lengths]
     if missing:
         raise FlagError(
-            f"{files[0]} is not a BERT pre-training record file: its records "
+            f"{path} is not a BERT pre-training record file: its records "
             f"lack {missing}."
         )
     found = (lengths["input_ids"], lengths["masked_lm_positions"])
     if found != (max_seq_length, max_predictions_per_seq):
         raise FlagError(
-            f"The records in {files[0]} have {found[0]} tokens and "
+            f"The records in {path} have {found[0]} tokens and "
             f"{found[1]} masked positions; the run expects "
             f"--max_seq_length={max_seq_length} and "
             f"--max_predictions_per_seq={max_predictions_per_seq}. Pass "

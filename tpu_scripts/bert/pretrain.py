@@ -595,10 +595,10 @@ def check_token_ids(flags_, train_input, vocabulary_size):
         source = "the training records"
     else:
         features = bert_data.first_records(
-            train_input.files[:1], train_input.global_batch_size,
+            train_input.files, train_input.global_batch_size,
             train_input.max_seq_length, train_input.max_predictions_per_seq,
         )
-        source = train_input.files[0]
+        source = "the first training records"
     largest = max(int(np.max(features["input_ids"])),
                   int(np.max(features["masked_lm_ids"])))
     if largest >= vocabulary_size:
