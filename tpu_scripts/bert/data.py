@@ -21,6 +21,13 @@ tokens of the vocabulary (google-research/bert draws from all of it,
 
 Everything random comes from one `random.Random(seed)`, so the same inputs and
 seed give byte-identical output files.
+
+The output is a dataset folder (`DatasetWriter`): each run writes a new
+version folder and switches one pointer file, `CURRENT`, to it, so readers
+(`expand_patterns`, `load_vocabulary`) see a whole dataset, old or new.
+Readers check the records against `metadata.json` (per-file sizes and
+counts) and the TFRecord framing; bad data is a `run_state.DataError`
+naming the file.
 """
 
 import collections
