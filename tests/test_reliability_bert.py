@@ -346,6 +346,26 @@ def test_second_writer_and_a_file_as_output_dir_are_refused(records,
             CORPUS, str(a_file), vocab_file=records["vocab"], **OLD, **QUIET)
 
 
+def test_overwrite_replaces_a_flat_dataset_and_keeps_other_files(
+        records, old_and_new, tmp_path):
+    """A dataset of the previous (flat) layout is replaced; files that are
+    not the module's own, even with similar names, stay."""
+    out = tmp_path / "data"
+    shutil.copytree(bert_data.current_version(records["dir"]), out)
+    (out / "data-science").mkdir()
+    (out / "notes.tmp-1").write_text("mine")
+    with pytest.raises(run_state.FlagError, match="is not empty"):
+        bert_data.create_pretraining_data(
+            CORPUS, str(out), vocab_file=records["vocab"], **NEW, **QUIET)
+    bert_data.create_pretraining_data(
+        CORPUS, str(out), vocab_file=records["vocab"], overwrite=True, **NEW,
+        **QUIET)
+    assert dataset_seen(str(out)) == old_and_new["new"]
+    version = os.path.basename(bert_data.current_version(str(out)))
+    assert sorted(os.listdir(out)) == sorted(
+        ["CURRENT", version, "data-science", "notes.tmp-1"])
+
+
 # ----------------------------------------------------------------------------
 # Items 5 and 12: truncated and corrupt records.
 

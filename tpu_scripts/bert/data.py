@@ -507,6 +507,12 @@ def write_instances(instances, paths, max_seq_length,
 CURRENT_FILENAME = "CURRENT"
 LOCK_FILENAME = "LOCK"
 VERSION_PREFIX = "data-"
+# Only names this module makes are ever removed (a user's `data-science/`
+# or `notes.tmp-1` in --output_dir stay).
+_VERSION_NAME = re.compile(r"data-\d{8}T\d{6}-[0-9a-f]{6}")
+_TEMPORARY_NAME = re.compile(
+    r"(CURRENT|LOCK|vocab\.txt|metadata\.json|.+\.tfrecord)"
+    r"\.tmp-\d+(-[0-9a-f]{8})?")
 
 
 def current_version(directory):
@@ -540,8 +546,13 @@ def dataset_path(path):
     return os.path.join(version, tail) if version else path
 
 
+def _is_version(name):
+    return bool(_VERSION_NAME.fullmatch(name))
+
+
 def _is_temporary(name):
-    return ".tmp-" in name
+    """A temporary file of this module or of `run_state.write_text`."""
+    return bool(_TEMPORARY_NAME.fullmatch(name))
 
 
 class DatasetWriter:
@@ -614,10 +625,11 @@ class DatasetWriter:
             if path == self.folder or name in (CURRENT_FILENAME,
                                                LOCK_FILENAME):
                 continue
-            if name.startswith(VERSION_PREFIX) and tf.io.gfile.isdir(path):
+            if _is_version(name) and tf.io.gfile.isdir(path):
                 tf.io.gfile.rmtree(path)
-            elif name.endswith(".tfrecord") or name in (
-                    VOCAB_FILENAME, METADATA_FILENAME):
+            elif (name.endswith(".tfrecord") or name in (
+                    VOCAB_FILENAME, METADATA_FILENAME)) and (
+                    not tf.io.gfile.isdir(path)):
                 tf.io.gfile.remove(path)  # a dataset of the flat layout
 
     def _names(self):
@@ -630,7 +642,7 @@ class DatasetWriter:
         current = current_version(self.output_dir)
         for name in self._names():
             path = os.path.join(self.output_dir, name)
-            if name.startswith(VERSION_PREFIX) and path != current and (
+            if _is_version(name) and path != current and (
                     tf.io.gfile.isdir(path)):
                 self.log(f"Removing {path}, left by a run that did not "
                          "finish.")
