@@ -10,6 +10,7 @@ tf = pytest.importorskip("tensorflow")
 pytest.importorskip("keras_hub")
 pytest.importorskip("tensorflow_text")
 
+from tpu_scripts import run_state  # noqa: E402
 from tpu_scripts.bert import data as bert_data  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -37,7 +38,7 @@ def made(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("records"))
     metadata = bert_data.create_pretraining_data(CORPUS, out, **SETTINGS)
     vocabulary = bert_data.load_vocabulary(os.path.join(out, "vocab.txt"))
-    files = sorted(os.path.join(out, f) for f in metadata["files"])
+    files = bert_data.expand_patterns(out)  # its current version
     records = [
         {k: v.numpy() for k, v in tf.io.parse_single_example(
             serialized, GOOGLE_NAME_TO_FEATURES).items()}
@@ -96,7 +97,9 @@ def test_masking_rate_and_80_10_10(made):
     assert abs(replaced / total - 0.1) < 0.04
 
 
-def _file_bytes(directory):
+def _file_bytes(output_dir):
+    """The files of the dataset folder's current version."""
+    directory = bert_data.current_version(output_dir)
     return {name: open(os.path.join(directory, name), "rb").read()
             for name in sorted(os.listdir(directory))}
 
@@ -124,7 +127,8 @@ def test_empty_input_is_a_clear_error_and_writes_nothing(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     out = str(tmp_path / "out")
-    with pytest.raises(ValueError, match="empty.txt.*holds no text"):
+    with pytest.raises(run_state.DataError,
+                       match="empty.txt.*holds no text"):
         bert_data.create_pretraining_data(str(empty), out, **SETTINGS)
     _assert_nothing_written(out)
 
@@ -139,9 +143,12 @@ def test_unreadable_input_is_a_clear_error_and_writes_nothing(tmp_path,
         path.write_bytes(b"\xff\xfe\x00 not text \x81")
     out = str(tmp_path / "out")
     expected = {
-        "missing": (FileNotFoundError, "No file matches.*input.txt"),
-        "directory": (ValueError, "Cannot read input file.*directory"),
-        "not_utf8": (ValueError, "Cannot read input file.*input.txt"),
+        "missing": (run_state.DataError,
+                    "No file matches --input_files pattern.*input.txt"),
+        "directory": (run_state.DataError,
+                      "--input_files: .*input.txt is a directory"),
+        "not_utf8": (run_state.DataError,
+                     "input.txt' is not UTF-8 text: byte 0 \\(line 1\\)"),
     }[kind]
     with pytest.raises(expected[0], match=expected[1]):
         bert_data.create_pretraining_data(str(path), out, **SETTINGS)
@@ -165,7 +172,7 @@ def test_failure_while_writing_leaves_no_partial_files(tmp_path,
         bert_data.create_pretraining_data(
             CORPUS, str(out), **dict(SETTINGS, dupe_factor=1))
     assert len(calls) == 21
-    assert os.listdir(out) == []  # temporary shards were removed
+    assert os.listdir(out) == []  # the unfinished version was removed
 
 
 def test_split_with_offsets_maps_pieces_back():

@@ -67,6 +67,11 @@ def test_create_pretraining_data_command_line(tmp_path, monkeypatch):
         "--max_predictions_per_seq=5", "--dupe_factor=1", "--num_shards=2",
     ], monkeypatch)
     assert code in (None, 0)
-    assert sorted(os.listdir(out)) == [
+    # A dataset folder: CURRENT names the version holding the files.
+    names = sorted(os.listdir(out))
+    assert names[0] == "CURRENT" and len(names) == 2
+    version = open(out / "CURRENT").read().strip()
+    assert names[1] == version and version.startswith("data-")
+    assert sorted(os.listdir(out / version)) == [
         "metadata.json", "pretrain-00000-of-00002.tfrecord",
         "pretrain-00001-of-00002.tfrecord", "vocab.txt"]

@@ -340,10 +340,12 @@ def test_create_pretraining_data_refuses_a_used_output_dir(records, tmp_path):
                        match="--output_dir=.* is not empty.*--overwrite"):
         bert_data.create_pretraining_data(CORPUS, out, num_shards=1,
                                           **common)
-    assert len([n for n in os.listdir(out) if n.endswith(".tfrecord")]) == 3
+    current = bert_data.current_version(out)  # the dataset folder's files
+    assert len([n for n in os.listdir(current)
+                if n.endswith(".tfrecord")]) == 3
     bert_data.create_pretraining_data(CORPUS, out, num_shards=1,
                                       overwrite=True, **common)
-    assert sorted(os.listdir(out)) == [
+    assert sorted(os.listdir(bert_data.current_version(out))) == [
         "metadata.json", "pretrain-00000-of-00001.tfrecord", "vocab.txt"]
 
 

@@ -20,12 +20,17 @@ Phase-2 data (sequence 512) with the same vocabulary:
       --vocab_file=/tmp/bert/seq128/vocab.txt --max_seq_length=512 \
       --max_predictions_per_seq=80 --dupe_factor=5 --num_shards=64
 
-`--output_dir` receives the shards, `vocab.txt` and `metadata.json`; it must
-be empty unless `--overwrite` (then the old shards are removed as the new
-ones appear, so a glob never mixes two datasets). The files appear together
-when the run succeeds (temporary files are renamed at the
-end) and not at all when it fails. The same inputs and `--random_seed` give
-byte-identical files. The logic lives in `tpu_scripts.bert.data`.
+`--output_dir` becomes a dataset folder: the shards, `vocab.txt` and
+`metadata.json` go into a new version folder `data-<time>-<id>/` inside it,
+and `--output_dir/CURRENT` names that folder once every file is complete.
+The scripts read through `CURRENT`:
+`--input_files='/tmp/bert/seq128/*.tfrecord'` (or just the folder) and
+`--vocab_file=/tmp/bert/seq128/vocab.txt` work as written, and see the old dataset or the new one, never a mix, even while
+`--overwrite` replaces it or after a run was killed. `--output_dir` must be
+empty unless `--overwrite`; the old version is removed after the switch,
+and what a killed run left is removed by the next one. The same inputs and
+`--random_seed` give byte-identical files. Flags are checked before any
+file is read. The logic lives in `tpu_scripts.bert.data`.
 """
 
 import os
@@ -37,7 +42,7 @@ if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 
 def define_flags(flag_values=None):
@@ -46,8 +51,10 @@ def define_flags(flag_values=None):
     flags.DEFINE_string(
         "input_files", None, "Comma-separated globs of UTF-8 text files "
         "(local or gs://).", **f)
-    flags.DEFINE_string("output_dir", None, "Directory for the TFRecord "
-                        "shards, vocab.txt and metadata.json.", **f)
+    flags.DEFINE_string("output_dir", None, "Dataset folder: the TFRecord "
+                        "shards, vocab.txt and metadata.json go into a new "
+                        "version folder in it, named by its CURRENT file.",
+                        **f)
     flags.DEFINE_string("output_prefix", "pretrain", "Shard file prefix.",
                         **f)
     flags.DEFINE_integer("num_shards", 1, "Output TFRecord files.", **f)
@@ -74,23 +81,20 @@ def define_flags(flag_values=None):
     flags.DEFINE_integer("random_seed", 12345, "Seed: the same seed and "
                          "inputs give the same bytes.", **f)
     flags.DEFINE_boolean(
-        "overwrite", False, "Replace the shards, vocab.txt and metadata.json "
-        "of a non-empty --output_dir (without it such a directory is "
-        "refused).", **f)
+        "overwrite", False, "Replace the dataset of a non-empty --output_dir "
+        "(the old one stays readable until the new one is complete; without "
+        "it such a directory is refused).", **f)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    f = flags.FLAGS
-    if not f.input_files or not f.output_dir:
-        raise app.UsageError("--input_files and --output_dir are required.")
+def run(f):
+    """Runs the script with flags `f`; returns the metadata."""
     from tpu_scripts import run_state
     from tpu_scripts.bert import data as bert_data
 
-    run_state.exit_on_flag_error(
-        bert_data.create_pretraining_data,
+    for name in ("input_files", "output_dir"):
+        if not getattr(f, name):
+            raise run_state.FlagError(f"--{name} is required.")
+    return bert_data.create_pretraining_data(
         f.input_files, f.output_dir, vocab_file=f.vocab_file,
         vocabulary_size=f.vocab_size, lowercase=f.do_lower_case,
         max_seq_length=f.max_seq_length,
@@ -100,6 +104,12 @@ def main(argv):
         num_shards=f.num_shards, output_prefix=f.output_prefix,
         random_seed=f.random_seed, overwrite=f.overwrite,
     )
+
+
+def main(argv):
+    from tpu_scripts import run_state
+
+    run_state.run_script(run, argv)
 
 
 if __name__ == "__main__":

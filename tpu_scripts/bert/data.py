@@ -21,17 +21,32 @@ tokens of the vocabulary (google-research/bert draws from all of it,
 
 Everything random comes from one `random.Random(seed)`, so the same inputs and
 seed give byte-identical output files.
+
+The output is a dataset folder (`DatasetWriter`): each run writes a new
+version folder and switches one pointer file, `CURRENT`, to it, so readers
+(`expand_patterns`, `load_vocabulary`) see a whole dataset, old or new.
+Readers check the records against `metadata.json` (per-file sizes and
+counts) and the TFRecord framing; bad data is a `run_state.DataError`
+naming the file.
 """
 
 import collections
+import contextlib
 import glob
 import json
 import os
 import random
+import re
+import socket
+import time
 import unicodedata
+import uuid
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
+
+from tpu_scripts.run_state import DataError, FlagError, write_text
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 # [PAD] first: padding is id 0, as in google-research/bert's vocabularies.
@@ -61,46 +76,72 @@ GOOGLE_FEATURE_NAMES = tuple(google_feature_spec(1, 1))
 # Reading text
 
 
-def expand_patterns(patterns):
+def expand_patterns(patterns, flag="--input_files"):
     """Sorted files matching comma-separated globs (local or `gs://`).
 
-    Raises `FileNotFoundError` naming the pattern that matches nothing.
+    A pattern in a dataset folder of `create_pretraining_data` (one with a
+    `CURRENT` file) matches in its current version (`dataset_path`); the
+    folder itself stands for its `*.tfrecord` files. Raises
+    `run_state.DataError` naming `flag` and the pattern that matches
+    nothing.
     """
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p.strip()]
     files = []
     for pattern in patterns:
         pattern = pattern.strip()
+        if not glob.has_magic(pattern) and current_version(pattern):
+            pattern = os.path.join(pattern, "*.tfrecord")
+        pattern = dataset_path(pattern)
         matches = tf.io.gfile.glob(pattern) if glob.has_magic(pattern) else (
             [pattern] if tf.io.gfile.exists(pattern) else []
         )
         if not matches:
-            raise FileNotFoundError(
-                f"No file matches input pattern {pattern!r}."
+            raise DataError(
+                f"No file matches {flag} pattern {pattern!r}."
+            )
+        if not glob.has_magic(pattern) and tf.io.gfile.isdir(pattern):
+            raise DataError(
+                f"{flag}: {pattern} is a directory; pass a glob of its "
+                f"files (e.g. {os.path.join(pattern, '*')})."
             )
         files.extend(matches)
     if not files:
-        raise ValueError("No input files given.")
+        raise FlagError(f"{flag} is required.")
     return sorted(set(files))
+
+
+def _undecodable(path, data, error):
+    """A `DataError` naming the byte offset and line of a UTF-8 error."""
+    line = data.count(b"\n", 0, error.start) + 1
+    return DataError(
+        f"Input file {path!r} is not UTF-8 text: byte {error.start} (line "
+        f"{line}) is {data[error.start:error.start + 1]!r} ({error.reason})."
+    )
 
 
 def read_documents(paths):
     """Documents (lists of non-empty stripped lines) from text files.
 
-    Blank lines separate documents. Raises `ValueError` with the path if a
-    file cannot be read as UTF-8 text or holds no text at all.
+    Blank lines separate documents. Raises `run_state.DataError` with the
+    path (and the byte and line of a UTF-8 error) if a file cannot be read
+    as UTF-8 text or holds no text at all.
     """
     documents = []
     for path in paths:
         if tf.io.gfile.isdir(path):
-            raise ValueError(
+            raise DataError(
                 f"Cannot read input file {path!r}: it is a directory."
             )
         try:
             with tf.io.gfile.GFile(path, "rb") as f:
-                text = f.read().decode("utf-8")
-        except (OSError, tf.errors.OpError, UnicodeDecodeError) as e:
-            raise ValueError(f"Cannot read input file {path!r}: {e}") from e
+                data = f.read()
+        except (OSError, tf.errors.OpError) as e:
+            raise DataError(f"Cannot read input file {path!r}: {e}") from e
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _undecodable(path, data, e) from None
         file_documents = [[]]
         for line in text.splitlines():
             line = line.strip()
@@ -110,7 +151,7 @@ def read_documents(paths):
                 file_documents.append([])
         file_documents = [d for d in file_documents if d]
         if not file_documents:
-            raise ValueError(f"Input file {path!r} holds no text.")
+            raise DataError(f"Input file {path!r} holds no text.")
         documents.extend(file_documents)
     return documents
 
@@ -139,16 +180,47 @@ def build_vocabulary(documents, vocabulary_size, lowercase=True):
     return list(vocabulary)
 
 
-def load_vocabulary(path):
-    """Tokens of a one-token-per-line vocabulary file; checks the specials."""
-    with tf.io.gfile.GFile(path) as f:
-        vocabulary = [line.rstrip("\n") for line in f]
-    while vocabulary and not vocabulary[-1]:
-        vocabulary.pop()
-    missing = [t for t in RESERVED_TOKENS if t not in vocabulary]
+def load_vocabulary(path, flag="--vocab_file"):
+    """Tokens of a one-token-per-line vocabulary file.
+
+    `path` may name `vocab.txt` in a dataset folder of
+    `create_pretraining_data` (see `dataset_path`). Raises
+    `run_state.DataError` naming `flag`, the file, and the line and token
+    of a blank line or a repeated token (keras-hub refuses those without
+    saying where), or the special tokens it lacks.
+    """
+    path = dataset_path(path)
+    if tf.io.gfile.isdir(path):
+        path = os.path.join(path, VOCAB_FILENAME)
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+    except (OSError, tf.errors.OpError) as e:
+        raise DataError(f"Cannot read {flag}={path}: {e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _undecodable(path, data, e) from None
+    vocabulary = [line.rstrip("\r") for line in text.split("\n")]
+    if vocabulary and not vocabulary[-1]:
+        vocabulary.pop()  # the newline that ends the last line
+    lines = {}
+    for number, token in enumerate(vocabulary, 1):
+        if not token.strip():
+            raise DataError(
+                f"{flag}={path} has a blank token on line {number}: one "
+                "token per line, no blank lines."
+            )
+        if token in lines:
+            raise DataError(
+                f"{flag}={path} repeats token {token!r} on line {number} "
+                f"(first on line {lines[token]}): tokens must be unique."
+            )
+        lines[token] = number
+    missing = [t for t in RESERVED_TOKENS if t not in lines]
     if missing:
-        raise ValueError(
-            f"Vocabulary {path!r} lacks the special tokens {missing}."
+        raise DataError(
+            f"{flag}={path} lacks the special tokens {missing}."
         )
     return vocabulary
 
@@ -396,46 +468,12 @@ def shard_paths(output_dir, prefix, num_shards):
     ]
 
 
-class AtomicFiles:
-    """Writes files under temporary names and renames them all at the end.
-
-    Use as a context manager: `path = files.temp(final)` gives the name to
-    write to; on a clean exit the files `remove_on_success` are deleted and
-    every temporary file is renamed to its final name, on an exception (Ctrl-C included) every one is deleted, so a failed
-    run leaves nothing half-written behind.
-    """
-
-    def __init__(self, remove_on_success=()):
-        self._pending = []
-        self._remove = list(remove_on_success)
-
-    def temp(self, final_path):
-        temp_path = f"{final_path}.tmp-{os.getpid()}"
-        self._pending.append((temp_path, final_path))
-        return temp_path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            for path in self._remove:  # old outputs the new ones replace
-                if tf.io.gfile.exists(path):
-                    tf.io.gfile.remove(path)
-            for temp_path, final_path in self._pending:
-                tf.io.gfile.rename(temp_path, final_path, overwrite=True)
-        else:
-            for temp_path, _ in self._pending:
-                if tf.io.gfile.exists(temp_path):
-                    tf.io.gfile.remove(temp_path)
-        return False
-
-
-def write_instances(instances, paths, max_seq_length, max_predictions_per_seq,
-                    files):
-    """Writes `instances` round-robin into `paths` (temporary names from
-    `files`, an `AtomicFiles`)."""
-    writers = [tf.io.TFRecordWriter(files.temp(p)) for p in paths]
+def write_instances(instances, paths, max_seq_length,
+                    max_predictions_per_seq):
+    """Writes `instances` round-robin into the TFRecord files `paths`;
+    returns the number of records in each."""
+    writers = [tf.io.TFRecordWriter(p) for p in paths]
+    counts = [0] * len(paths)
     try:
         for i, instance in enumerate(instances):
             example = instance_to_example(
@@ -446,33 +484,284 @@ def write_instances(instances, paths, max_seq_length, max_predictions_per_seq,
             writers[i % len(writers)].write(
                 example.SerializeToString(deterministic=True)
             )
+            counts[i % len(writers)] += 1
     finally:
         for writer in writers:
             writer.close()
+    return counts
 
 
-def old_outputs(output_dir, overwrite):
-    """The data files already in `output_dir`, which `overwrite` allows to
-    replace; raises `run_state.FlagError` for a non-empty directory
-    without `overwrite`."""
-    from tpu_scripts.run_state import FlagError
+# ----------------------------------------------------------------------------
+# The dataset folder: versions, one pointer, a lock
+#
+# `output_dir/CURRENT` names the folder of the current dataset
+# (`output_dir/data-<time>-<id>/` with the shards, vocab.txt and
+# metadata.json). A new dataset is written into a folder of its own; the
+# rename of one small file (`CURRENT`) then switches every reader from the
+# complete old dataset to the complete new one, on any filesystem (a rename
+# on gs:// is copy + delete, but of that one object). Only then are the old
+# versions removed. `output_dir/LOCK` names the process writing; what a
+# killed writer left behind (its lock, its unfinished folder, temporary
+# files) is removed by the next one.
 
-    if not tf.io.gfile.isdir(output_dir):
-        if tf.io.gfile.exists(output_dir):
-            raise FlagError(f"--output_dir={output_dir} is a file.")
-        return []
-    names = sorted(tf.io.gfile.listdir(output_dir))
-    if names and not overwrite:
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise FlagError(
-            f"--output_dir={output_dir} is not empty ({len(names)} entries: "
-            f"{shown}). New shards next to old ones would be read together "
-            "by a glob; use an empty directory or pass --overwrite to "
-            "replace the old shards, vocab.txt and metadata.json."
-        )
-    return [os.path.join(output_dir, n) for n in names
-            if n.endswith(".tfrecord")
-            or n in (VOCAB_FILENAME, METADATA_FILENAME)]
+CURRENT_FILENAME = "CURRENT"
+LOCK_FILENAME = "LOCK"
+VERSION_PREFIX = "data-"
+# Only names this module makes are ever removed (a user's `data-science/`
+# or `notes.tmp-1` in --output_dir stay).
+_VERSION_NAME = re.compile(r"data-\d{8}T\d{6}-[0-9a-f]{6}")
+_TEMPORARY_NAME = re.compile(
+    r"(CURRENT|LOCK|vocab\.txt|metadata\.json|.+\.tfrecord)"
+    r"\.tmp-\d+(-[0-9a-f]{8})?")
+
+
+def current_version(directory):
+    """The folder of `directory`'s current dataset, or `None` (no
+    `CURRENT` file: not a dataset folder)."""
+    pointer = os.path.join(directory, CURRENT_FILENAME)
+    try:
+        if not tf.io.gfile.exists(pointer):
+            return None
+        with tf.io.gfile.GFile(pointer) as f:
+            name = f.read().strip()
+    except (OSError, tf.errors.OpError):
+        return None
+    return os.path.join(directory, name) if name else None
+
+
+def dataset_path(path):
+    """`path` with a dataset folder replaced by its current version.
+
+    `out`, `out/*.tfrecord` and `out/vocab.txt`, for a dataset folder `out`
+    of `create_pretraining_data`, become `out/data-.../`, `out/data-.../
+    *.tfrecord` and `out/data-.../vocab.txt`; other paths stay as they are.
+    """
+    if not path or glob.has_magic(os.path.dirname(path)):
+        return path
+    version = None if glob.has_magic(path) else current_version(path)
+    if version:
+        return version
+    head, tail = os.path.split(path.rstrip("/"))
+    version = current_version(head) if head else None
+    return os.path.join(version, tail) if version else path
+
+
+def _is_version(name):
+    return bool(_VERSION_NAME.fullmatch(name))
+
+
+def _is_temporary(name):
+    """A temporary file of this module or of `run_state.write_text`."""
+    return bool(_TEMPORARY_NAME.fullmatch(name))
+
+
+class DatasetWriter:
+    """Writes one version of the dataset in `output_dir` (module notes).
+
+    Use as a context manager: entering takes the lock, removes what a
+    killed writer left and refuses a non-empty `output_dir` unless
+    `overwrite`; `folder` is where the files go; `commit()` switches
+    `CURRENT` to it and removes the old versions; leaving without a commit
+    (an error, Ctrl-C) removes the folder. The lock is released on exit.
+    """
+
+    def __init__(self, output_dir, overwrite=False, log=print):
+        self.output_dir = output_dir.rstrip("/")
+        self.overwrite = overwrite
+        self.log = log
+        self.folder = None
+        self._locked = False
+        self._switched = False
+
+    def __enter__(self):
+        if tf.io.gfile.exists(self.output_dir) and not tf.io.gfile.isdir(
+                self.output_dir):
+            raise FlagError(f"--output_dir={self.output_dir} is a file.")
+        try:
+            tf.io.gfile.makedirs(self.output_dir)
+        except (OSError, tf.errors.OpError) as e:
+            raise FlagError(
+                f"Cannot create --output_dir={self.output_dir}: {e}"
+            ) from None
+        self._lock()
+        try:
+            self._remove_stale()
+            self._check_empty()
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            self.folder = os.path.join(
+                self.output_dir,
+                f"{VERSION_PREFIX}{stamp}-{uuid.uuid4().hex[:6]}",
+            )
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            # Once switched to, the folder is the dataset: keep it even if
+            # removing the old versions failed.
+            if (exc_type is not None and self.folder and not self._switched
+                    and tf.io.gfile.exists(self.folder)):
+                tf.io.gfile.rmtree(self.folder)
+        finally:
+            self._unlock()
+        return False
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def commit(self):
+        """Points `CURRENT` at the new folder, then removes the old
+        versions and any files of the old flat layout."""
+        write_text(os.path.join(self.output_dir, CURRENT_FILENAME),
+                   os.path.basename(self.folder) + "\n")
+        self._switched = True
+        self._remove_old()
+
+    def _remove_old(self):
+        for name in self._names():
+            path = os.path.join(self.output_dir, name)
+            if path == self.folder or name in (CURRENT_FILENAME,
+                                               LOCK_FILENAME):
+                continue
+            if _is_version(name) and tf.io.gfile.isdir(path):
+                tf.io.gfile.rmtree(path)
+            elif (name.endswith(".tfrecord") or name in (
+                    VOCAB_FILENAME, METADATA_FILENAME)) and (
+                    not tf.io.gfile.isdir(path)):
+                tf.io.gfile.remove(path)  # a dataset of the flat layout
+
+    def _names(self):
+        return sorted(n.rstrip("/") for n in
+                      tf.io.gfile.listdir(self.output_dir))
+
+    def _remove_stale(self):
+        """Removes what killed writers left: versions `CURRENT` does not
+        name, temporary files."""
+        current = current_version(self.output_dir)
+        for name in self._names():
+            path = os.path.join(self.output_dir, name)
+            if _is_version(name) and path != current and (
+                    tf.io.gfile.isdir(path)):
+                self.log(f"Removing {path}, left by a run that did not "
+                         "finish.")
+                tf.io.gfile.rmtree(path)
+            elif _is_temporary(name) and not tf.io.gfile.isdir(path):
+                tf.io.gfile.remove(path)
+
+    def _check_empty(self):
+        names = [n for n in self._names() if n != LOCK_FILENAME]
+        if names and not self.overwrite:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5
+                                            else "")
+            raise FlagError(
+                f"--output_dir={self.output_dir} is not empty ({len(names)} "
+                f"entries: {shown}). Use an empty directory or pass "
+                "--overwrite to replace its dataset (the old one stays "
+                "readable until the new one is complete)."
+            )
+
+    def _lock(self):
+        """Writes `LOCK` (host and pid); refuses if a live process holds
+        it. A lock of another host is taken as live."""
+        path = os.path.join(self.output_dir, LOCK_FILENAME)
+        holder = _read_lock(path)
+        if holder is not None and _alive(holder):
+            raise FlagError(
+                f"--output_dir={self.output_dir} is being written by "
+                f"another create_pretraining_data (pid {holder.get('pid')} "
+                f"on {holder.get('host')}, see {path}). Wait for it, or "
+                f"remove {path} if that run is no longer alive."
+            )
+        me = json.dumps(dict(host=socket.gethostname(), pid=os.getpid()))
+        if "://" in path:
+            write_text(path, me)
+        else:  # exclusive create: of two starting together, one wins
+            if holder is not None:
+                os.remove(path)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                raise FlagError(
+                    f"--output_dir={self.output_dir} is being written by "
+                    f"another create_pretraining_data (see {path})."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+        self._locked = True
+
+    def _unlock(self):
+        if self._locked:
+            path = os.path.join(self.output_dir, LOCK_FILENAME)
+            if tf.io.gfile.exists(path):
+                tf.io.gfile.remove(path)
+            self._locked = False
+
+
+def _read_lock(path):
+    """The `{host, pid}` in a `LOCK` file, `{}` if unreadable, `None` if
+    there is none."""
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            holder = json.loads(f.read())
+        return holder if isinstance(holder, dict) else {}
+    except (ValueError, OSError, tf.errors.OpError):
+        return {}
+
+
+def _alive(holder):
+    """Whether the process of a lock may still run (one of this host that
+    has exited, or this process itself, does not)."""
+    if holder.get("host") != socket.gethostname():
+        return bool(holder)  # an unreadable lock is stale
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------
+# The whole pipeline
+
+
+def check_settings(vocab_file, vocabulary_size, max_seq_length,
+                   max_predictions_per_seq, masked_lm_prob, short_seq_prob,
+                   dupe_factor, num_shards, output_prefix):
+    """Raises `run_state.FlagError` naming the flag for a value out of
+    range (before any file is read or a vocabulary learnt)."""
+    def check(name, value, ok, requirement):
+        if not ok:
+            raise FlagError(
+                f"--{name} must be {requirement}. Received: {value!r}."
+            )
+
+    for name, value in (("num_shards", num_shards),
+                        ("dupe_factor", dupe_factor),
+                        ("max_predictions_per_seq", max_predictions_per_seq)):
+        check(name, value, value >= 1, ">= 1")
+    # [CLS] A [SEP] B [SEP]: two segments of at least one token each.
+    check("max_seq_length", max_seq_length, max_seq_length >= 5, ">= 5")
+    check("masked_lm_prob", masked_lm_prob, 0 < masked_lm_prob < 1,
+          "in (0, 1)")
+    check("short_seq_prob", short_seq_prob, 0 <= short_seq_prob <= 1,
+          "in [0, 1]")
+    if not vocab_file:
+        check("vocab_size", vocabulary_size,
+              vocabulary_size > len(RESERVED_TOKENS),
+              f"> {len(RESERVED_TOKENS)} (the special tokens)")
+    check("output_prefix", output_prefix,
+          bool(output_prefix) and "/" not in output_prefix
+          and not glob.has_magic(output_prefix),
+          "a file name prefix (no '/', '*', '?' or '[')")
 
 
 def create_pretraining_data(input_patterns, output_dir, vocab_file=None,
@@ -484,82 +773,82 @@ def create_pretraining_data(input_patterns, output_dir, vocab_file=None,
                             random_seed=12345, overwrite=False, log=print):
     """Text files -> (vocabulary) -> sharded TFRecords; see the module doc.
 
-    Writes into `output_dir`: `{output_prefix}-0000i-of-0000n.tfrecord`,
-    `vocab.txt` (the vocabulary used, learnt unless `vocab_file` is given)
-    and `metadata.json` (counts and settings; `bert/pretrain.py` reads the
-    example count from it). All files appear together at the end or not at
-    all. A non-empty `output_dir` is refused unless `overwrite`; then its
-    old shards (`*.tfrecord`), `vocab.txt` and `metadata.json` are removed
-    when the new files are complete (a glob over the directory never mixes
-    two datasets; a failed run leaves the old one whole).
+    Writes a new version of the dataset folder `output_dir` (see
+    `DatasetWriter`): `{output_prefix}-0000i-of-0000n.tfrecord`, `vocab.txt`
+    (the vocabulary used, learnt unless `vocab_file` is given) and
+    `metadata.json` (counts, sizes and settings; `bert/pretrain.py` checks
+    the records against it) in `output_dir/data-<time>-<id>/`, which
+    `output_dir/CURRENT` names once every file is complete. Readers go
+    through `CURRENT` (`expand_patterns`, `load_vocabulary`), so they see
+    the old dataset or the new one, never a mix. A non-empty `output_dir`
+    is refused unless `overwrite`. Flags are checked before anything is
+    read.
 
     Returns the metadata dict.
     """
-    stale = old_outputs(output_dir, overwrite)
-    if not 0 < masked_lm_prob < 1:
-        raise ValueError(
-            f"masked_lm_prob must be in (0, 1). Received: {masked_lm_prob}."
-        )
-    if max_predictions_per_seq < 1 or num_shards < 1 or dupe_factor < 1:
-        raise ValueError(
-            "max_predictions_per_seq, num_shards and dupe_factor must be >= 1."
-        )
+    check_settings(vocab_file, vocabulary_size, max_seq_length,
+                   max_predictions_per_seq, masked_lm_prob, short_seq_prob,
+                   dupe_factor, num_shards, output_prefix)
     paths = expand_patterns(input_patterns)
-    documents = read_documents(paths)
-    if vocab_file:
-        vocabulary = load_vocabulary(vocab_file)
-    else:
-        log(f"Learning a {vocabulary_size}-token WordPiece vocabulary from "
-            f"{len(paths)} file(s).")
-        vocabulary = build_vocabulary(documents, vocabulary_size, lowercase)
-    tokenizer = make_tokenizer(vocabulary, lowercase)
-    tokenized = tokenize_documents(tokenizer, documents)
-    maker = InstanceMaker(
-        vocabulary, max_seq_length, max_predictions_per_seq, masked_lm_prob,
-        short_seq_prob, whole_word_mask, random.Random(random_seed),
-    )
-    instances = maker.from_documents(tokenized, dupe_factor)
-    if not instances:
-        raise ValueError(
-            f"The input files {paths} gave no training instance (each "
-            "instance needs two non-empty segments)."
+    vocabulary = load_vocabulary(vocab_file) if vocab_file else None
+    with DatasetWriter(output_dir, overwrite, log) as writer:
+        documents = read_documents(paths)
+        if vocabulary is None:
+            log(f"Learning a {vocabulary_size}-token WordPiece vocabulary "
+                f"from {len(paths)} file(s).")
+            vocabulary = build_vocabulary(documents, vocabulary_size,
+                                          lowercase)
+            if len(vocabulary) < vocabulary_size:
+                log(f"The learnt vocabulary has {len(vocabulary)} tokens, "
+                    f"fewer than --vocab_size={vocabulary_size}: the corpus "
+                    "has no more word pieces frequent enough to keep.")
+        tokenizer = make_tokenizer(vocabulary, lowercase)
+        tokenized = tokenize_documents(tokenizer, documents)
+        maker = InstanceMaker(
+            vocabulary, max_seq_length, max_predictions_per_seq,
+            masked_lm_prob, short_seq_prob, whole_word_mask,
+            random.Random(random_seed),
         )
-    metadata = dict(
-        num_examples=len(instances),
-        num_documents=len(tokenized),
-        num_tokens=sum(len(s) for d in tokenized for s in d),
-        input_files=paths,
-        vocab_size=len(vocabulary),
-        vocab_file=vocab_file or VOCAB_FILENAME,
-        lowercase=lowercase,
-        max_seq_length=max_seq_length,
-        max_predictions_per_seq=max_predictions_per_seq,
-        masked_lm_prob=masked_lm_prob,
-        short_seq_prob=short_seq_prob,
-        dupe_factor=dupe_factor,
-        whole_word_mask=whole_word_mask,
-        random_seed=random_seed,
-        num_random_next=sum(i.is_random_next for i in instances),
-        num_predictions=sum(len(i.masked_lm_positions) for i in instances),
-        files=[os.path.basename(p) for p in
-               shard_paths(output_dir, output_prefix, num_shards)],
-    )
-    tf.io.gfile.makedirs(output_dir)
-    new_paths = set(shard_paths(output_dir, output_prefix, num_shards))
-    with AtomicFiles([p for p in stale if p not in new_paths]) as files:
-        write_instances(
-            instances, shard_paths(output_dir, output_prefix, num_shards),
-            max_seq_length, max_predictions_per_seq, files,
+        instances = maker.from_documents(tokenized, dupe_factor)
+        if not instances:
+            raise DataError(
+                f"The input files {paths} gave no training instance (each "
+                "instance needs two non-empty segments)."
+            )
+        tf.io.gfile.makedirs(writer.folder)
+        shards = shard_paths(writer.folder, output_prefix, num_shards)
+        counts = write_instances(instances, shards, max_seq_length,
+                                 max_predictions_per_seq)
+        write_vocabulary(vocabulary, writer.path(VOCAB_FILENAME))
+        metadata = dict(
+            num_examples=len(instances),
+            num_documents=len(tokenized),
+            num_tokens=sum(len(s) for d in tokenized for s in d),
+            input_files=paths,
+            vocab_size=len(vocabulary),
+            vocab_file=vocab_file or VOCAB_FILENAME,
+            lowercase=lowercase,
+            max_seq_length=max_seq_length,
+            max_predictions_per_seq=max_predictions_per_seq,
+            masked_lm_prob=masked_lm_prob,
+            short_seq_prob=short_seq_prob,
+            dupe_factor=dupe_factor,
+            whole_word_mask=whole_word_mask,
+            random_seed=random_seed,
+            num_random_next=sum(i.is_random_next for i in instances),
+            num_predictions=sum(len(i.masked_lm_positions)
+                                for i in instances),
+            files=[os.path.basename(p) for p in shards],
+            # Per file: what a reader checks the records against.
+            file_examples=counts,
+            file_bytes=[tf.io.gfile.stat(p).length for p in shards],
         )
-        write_vocabulary(
-            vocabulary, files.temp(os.path.join(output_dir, VOCAB_FILENAME))
-        )
-        with tf.io.gfile.GFile(
-            files.temp(os.path.join(output_dir, METADATA_FILENAME)), "w"
-        ) as f:
+        with tf.io.gfile.GFile(writer.path(METADATA_FILENAME), "w") as f:
             json.dump(metadata, f, indent=1, sort_keys=True)
+        writer.commit()
     log(f"Wrote {len(instances)} examples from {len(tokenized)} documents "
-        f"to {num_shards} file(s) in {output_dir}.")
+        f"to {num_shards} file(s) in {writer.folder} (now {output_dir}'s "
+        "current dataset).")
     return metadata
 
 
@@ -584,38 +873,173 @@ def read_metadata(files):
     path = os.path.join(os.path.dirname(files[0]), METADATA_FILENAME)
     if not tf.io.gfile.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            metadata = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(metadata, dict):
+        raise DataError(f"{path} is not a metadata object.")
+    return metadata
+
+
+def declared_counts(files, metadata):
+    """`{path: (records, bytes)}` that `metadata` declares for each of
+    `files` (`None` for a value it does not declare); `{}` without
+    metadata or per-file counts (older metadata, other tools)."""
+    if not metadata or "file_examples" not in metadata:
+        return {}
+    declared = dict(zip(metadata.get("files", []), zip(
+        metadata["file_examples"], metadata.get("file_bytes", []))))
+    return {path: declared[os.path.basename(path)] for path in files
+            if os.path.basename(path) in declared}
+
+
+def check_file_sizes(files, metadata):
+    """Raises `run_state.DataError` naming a file whose size differs from
+    the one `metadata.json` declares (a truncated or replaced shard): one
+    `stat` per file, cheap enough for streaming input."""
+    for path, (records, size) in declared_counts(files, metadata).items():
+        actual = tf.io.gfile.stat(path).length
+        if size is not None and actual != size:
+            raise DataError(
+                f"{path} has {actual} bytes; metadata.json declares {size} "
+                f"({records} records): the file is truncated or was "
+                "replaced. Recreate the data."
+            )
+
+
+def count_framed_records(path):
+    """Records in TFRecord file `path`, from its framing (per record: an
+    8-byte length, its 4-byte CRC, the data, the data's 4-byte CRC).
+
+    TensorFlow's reader stops silently at a truncated last record; this
+    raises `run_state.DataError` naming the file and the record instead.
+    (The CRCs are checked by TensorFlow's reader, see `read_file_records`.)
+    """
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    offset, index = 0, 0
+    while offset < len(data):
+        if offset + 12 > len(data):
+            needed = 12
+        else:
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            needed = 12 + length + 4
+        if offset + needed > len(data):
+            raise DataError(
+                f"{path} is truncated: record {index} (at byte {offset}) "
+                f"needs {needed} bytes, the file ends after "
+                f"{len(data) - offset}."
+            )
+        offset += needed
+        index += 1
+    return index
+
+
+def _corrupt_record_error(path, error):
+    """A `DataError` naming `path` and the first record TensorFlow cannot
+    read in it."""
+    index = 0
+    try:
+        for _ in tf.data.TFRecordDataset([path]):
+            index += 1
+        where = ""
+    except tf.errors.OpError:
+        where = f" at record {index}"
+    return DataError(f"{path} is corrupt{where}: {_op_message(error)}")
+
+
+def _op_message(error):
+    """The first line of a TensorFlow error's message, without the
+    `{{function_node ...}}` prefix of errors raised in a function."""
+    message = error.message.splitlines()[0]
+    return re.sub(r"^\{\{[^}]*\}\}\s*", "", message)
+
+
+def read_file_records(path, max_seq_length, max_predictions_per_seq):
+    """The parsed records of one TFRecord file (a list of batch dicts);
+    a corrupt record or one without the BERT features is a
+    `run_state.DataError` naming the file."""
+    ds = tf.data.TFRecordDataset([path]).batch(4096).map(
+        lambda s: parse_examples(s, max_seq_length, max_predictions_per_seq)
+    )
+    try:
+        return list(ds.as_numpy_iterator())
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        raise _corrupt_record_error(path, e) from None
+
+
+@contextlib.contextmanager
+def corrupt_records_named(*patterns):
+    """Turns a `tf.errors.DataLossError` raised inside (streaming input
+    meeting a corrupt record) into a `run_state.DataError` naming the file
+    and record: the files of `patterns` (`None`s skipped) are read again,
+    one by one, only after the error. A record file removed while it was
+    streamed (its dataset overwritten) is a `DataError` too."""
+    try:
+        yield
+    except tf.errors.NotFoundError as e:
+        raise DataError(
+            f"A record file of {', '.join(filter(None, patterns))} was "
+            f"removed while the run read it ({_op_message(e)}); was its "
+            "dataset overwritten by create_pretraining_data?"
+        ) from None
+    except tf.errors.DataLossError as e:
+        for pattern in filter(None, patterns):
+            for path in expand_patterns(pattern):
+                try:
+                    count_records([path])
+                except tf.errors.OpError as file_error:
+                    raise _corrupt_record_error(path, file_error) from None
+        raise DataError(
+            f"A record of {', '.join(filter(None, patterns))} is corrupt: "
+            f"{_op_message(e)}"
+        ) from None
 
 
 def record_lengths(path):
-    """`{feature: length}` of the first record of TFRecord file `path`."""
-    for serialized in tf.data.TFRecordDataset([path]).take(1):
-        example = tf.train.Example.FromString(serialized.numpy())
-        return {
-            name: len(getattr(feature, feature.WhichOneof("kind")).value)
-            for name, feature in example.features.feature.items()
-        }
-    raise ValueError(f"No records in {path!r}.")
+    """`{feature: length}` of the first record of TFRecord file `path`
+    (`None` if it has no record)."""
+    try:
+        for serialized in tf.data.TFRecordDataset([path]).take(1):
+            example = tf.train.Example.FromString(serialized.numpy())
+            return {
+                name: len(getattr(feature, feature.WhichOneof("kind")).value)
+                for name, feature in example.features.feature.items()
+            }
+    except tf.errors.DataLossError as e:
+        raise _corrupt_record_error(path, e) from None
+    except tf.errors.OpError as e:
+        raise DataError(f"Cannot read {path}: {_op_message(e)}") from None
+    except DecodeError as e:
+        raise DataError(
+            f"{path}: record 0 is not a tf.train.Example ({e})."
+        ) from None
+    return None
 
 
 def check_record_lengths(files, max_seq_length, max_predictions_per_seq):
     """Raises `run_state.FlagError` naming the flags if the first record of
-    `files[0]` does not have `max_seq_length` tokens and
-    `max_predictions_per_seq` masked positions."""
-    from tpu_scripts.run_state import FlagError
-
-    lengths = record_lengths(files[0])
+    the first non-empty file does not have `max_seq_length` tokens and
+    `max_predictions_per_seq` masked positions (`run_state.DataError` if
+    no file has a record)."""
+    for path in files:  # shards beyond the number of records are empty
+        lengths = record_lengths(path)
+        if lengths is not None:
+            break
+    else:
+        raise DataError(f"No records in {', '.join(files)}.")
     missing = [n for n in GOOGLE_FEATURE_NAMES if n not in lengths]
     if missing:
         raise FlagError(
-            f"{files[0]} is not a BERT pre-training record file: its records "
+            f"{path} is not a BERT pre-training record file: its records "
             f"lack {missing}."
         )
     found = (lengths["input_ids"], lengths["masked_lm_positions"])
     if found != (max_seq_length, max_predictions_per_seq):
         raise FlagError(
-            f"The records in {files[0]} have {found[0]} tokens and "
+            f"The records in {path} have {found[0]} tokens and "
             f"{found[1]} masked positions; the run expects "
             f"--max_seq_length={max_seq_length} and "
             f"--max_predictions_per_seq={max_predictions_per_seq}. Pass "
@@ -638,16 +1062,42 @@ def count_records(files):
     ))
 
 
-def load_records(patterns, max_seq_length, max_predictions_per_seq):
-    """Every record of the files as a dict of numpy arrays (in file order)."""
-    files = expand_patterns(patterns)
-    ds = tf.data.TFRecordDataset(files).batch(4096).map(
-        lambda s: parse_examples(s, max_seq_length, max_predictions_per_seq)
-    )
-    batches = list(ds.as_numpy_iterator())
+def load_records(patterns, max_seq_length, max_predictions_per_seq,
+                 flag="--input_files"):
+    """Every record of the files as a dict of numpy arrays (in file order).
+
+    Each file's framing is walked (`count_framed_records`) and its records
+    counted against `metadata.json` where it declares them (per file, or
+    the total when it lists exactly these files): a truncated, corrupt or
+    short file is a `run_state.DataError` naming it.
+    """
+    files = expand_patterns(patterns, flag)
+    metadata = read_metadata(files)
+    declared = declared_counts(files, metadata)
+    batches = []
+    for path in files:
+        framed = count_framed_records(path)
+        expected = declared.get(path, (None,))[0]
+        if expected is not None and framed != expected:
+            raise DataError(
+                f"{path} holds {framed} records; metadata.json declares "
+                f"{expected}. Recreate the data."
+            )
+        batches += read_file_records(path, max_seq_length,
+                                     max_predictions_per_seq)
     if not batches:
-        raise ValueError(f"No records in {files}.")
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        raise DataError(f"No records in {files}.")
+    records = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    count = len(records["input_ids"])
+    if (metadata and not declared and "num_examples" in metadata
+            and sorted(map(os.path.basename, files))
+            == sorted(metadata.get("files", []))
+            and count != metadata["num_examples"]):
+        raise DataError(
+            f"The files of {os.path.dirname(files[0])} hold {count} records; "
+            f"its metadata.json declares {metadata['num_examples']}."
+        )
+    return records
 
 
 def _pipeline_share(input_context, global_batch_size):
@@ -666,9 +1116,10 @@ def _pipeline_share(input_context, global_batch_size):
 class _InputSpec:
     def __init__(self, num_examples, global_batch_size, training):
         if training and num_examples < global_batch_size:
-            raise ValueError(
+            raise FlagError(
                 f"The training set has {num_examples} examples, fewer than "
-                f"one global batch of {global_batch_size}."
+                f"one global batch of {global_batch_size} "
+                "(--global_batch_size)."
             )
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size

@@ -141,7 +141,27 @@ def validate_flags(flags_):
           "in [0, 1)")
     check("dropout", flags_.dropout is None or 0 <= flags_.dropout < 1,
           "in [0, 1)")
+    bert_pretrain.check_finite_flags(_flag_values(flags_))
     run_state.check_init_checkpoint(flags_.init_checkpoint, flags_.model_dir)
+    # The files, before anything is written (run_identity.json).
+    import tensorflow as tf
+
+    from tpu_scripts.bert import data as bert_data
+    from tpu_scripts.bert import models as bert_models
+
+    for name in ("train_file", "predict_file"):
+        path = getattr(flags_, name)
+        if path and not tf.io.gfile.exists(path):
+            raise run_state.DataError(
+                f"--{name}={path} does not exist. SQuAD v1.1's files are "
+                "train-v1.1.json and dev-v1.1.json "
+                "(https://rajpurkar.github.io/SQuAD-explorer/); without the "
+                "flag the run reads TFDS squad/v1.1."
+            )
+    bert_data.load_vocabulary(flags_.vocab_file)
+    bert_models.load_bert_config(flags_.bert_config)
+    if flags_.init_checkpoint:
+        bert_models.resolve_checkpoint(flags_.init_checkpoint)
 
 
 def _flag_values(flags_):
@@ -255,6 +275,8 @@ def run(flags_, log=print):
         steps_per_loop=flags_.steps_per_loop,
         jit_compile=flags_.jit_compile, log=log,
     )
+    bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
+                                         flags_.model_dir, log)
     outcome = loop.train(
         train_input, train_steps,
         checkpoint_every_steps=train_input.steps_per_epoch,

@@ -19,6 +19,8 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+from tpu_scripts.run_state import DataError, FlagError
+
 BERT_INITIALIZER_STDDEV = 0.02  # `initializer_range` of every BERT config
 
 
@@ -86,8 +88,16 @@ def load_bert_config(name_or_path, **overrides):
     if name_or_path in BERT_CONFIGS:
         config = BERT_CONFIGS[name_or_path]
     elif name_or_path.endswith(".json") or tf.io.gfile.exists(name_or_path):
-        with tf.io.gfile.GFile(name_or_path) as f:
-            raw = json.load(f)
+        try:
+            with tf.io.gfile.GFile(name_or_path) as f:
+                raw = json.load(f)
+        except (OSError, ValueError, tf.errors.OpError) as e:
+            raise DataError(
+                f"Cannot read --bert_config={name_or_path}: {e}"
+            ) from None
+        if not isinstance(raw, dict):
+            raise DataError(f"--bert_config={name_or_path} is not a JSON "
+                            "object.")
         fields = {f.name for f in dataclasses.fields(BertConfig)}
         values = {}
         for key, value in raw.items():
@@ -95,13 +105,13 @@ def load_bert_config(name_or_path, **overrides):
             if key in fields:
                 values[key] = value
             elif key not in _IGNORED_GOOGLE_KEYS:
-                raise ValueError(
+                raise FlagError(
                     f"Unknown key {key!r} in BERT config {name_or_path!r}; "
                     f"expected google-research/bert keys or {sorted(fields)}."
                 )
         config = BertConfig(**values)
     else:
-        raise ValueError(
+        raise FlagError(
             f"Unknown --bert_config={name_or_path!r}; expected one of "
             f"{', '.join(BERT_CONFIGS)} or the path of a JSON file."
         )
@@ -225,17 +235,19 @@ class BertSpanModel(keras.Model):
         self.span_head = span_head
 
 
-def resolve_checkpoint(path):
-    """A checkpoint prefix from a prefix or a directory (its latest)."""
+def resolve_checkpoint(path, flag="--init_checkpoint"):
+    """A checkpoint prefix from a prefix or a directory (its latest);
+    raises `run_state.FlagError` naming `flag` if there is none."""
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"No checkpoint in directory {path!r}.")
+            raise FlagError(f"{flag}={path}: no checkpoint in that "
+                            "directory.")
         return latest
     if not tf.io.gfile.exists(path + ".index"):
-        raise FileNotFoundError(
-            f"No checkpoint {path!r} (expected {path}.index or a directory "
-            "holding checkpoints)."
+        raise FlagError(
+            f"{flag}={path}: no checkpoint (expected {path}.index or a "
+            "directory holding checkpoints)."
         )
     return path
 
@@ -253,6 +265,33 @@ def load_pretrained_weights(pretrainer, path):
     status = tf.train.Checkpoint(model=pretrainer).read(prefix)
     status.assert_existing_objects_matched().expect_partial()
     return prefix
+
+
+def checkpoint_dropout_state(checkpoint, model, model_dir=None, log=print):
+    """Adds the state of `model`'s dropout to `checkpoint` (a
+    `tf.train.Checkpoint`, e.g. the trainer's), so that a resumed run draws
+    the masks the uninterrupted run would have drawn.
+
+    Each Keras dropout layer draws its masks from a `keras.random.
+    SeedGenerator` whose state variable advances at every call; it is one of
+    `model.variables` but not of the layer's checkpointed weights, so without
+    this a restart replays the masks of step 0. The states are listed in the
+    model's layer order (the same in every process). A run in `model_dir`
+    whose latest checkpoint has no dropout state (written by an older
+    version) resumes without it, as before. Returns the states added.
+    """
+    states = [generator.state for layer in model._flatten_layers()
+              for generator in layer._seed_generators]
+    latest = model_dir and tf.train.latest_checkpoint(model_dir)
+    if latest and not any(name.startswith("dropout_state/")
+                          for name, _ in tf.train.list_variables(latest)):
+        log(f"{latest} holds no dropout state (an older checkpoint): the "
+            "resumed run's dropout masks differ from an uninterrupted "
+            "run's.")
+        return []
+    if states:
+        checkpoint.dropout_state = states
+    return states
 
 
 def count_parameters(model):

@@ -137,7 +137,7 @@ def _recipe_numbers(recipe, phase, global_batch_size, train_steps,
     if recipe in ("lamb_64k_32k", "nvidia"):
         _, _, notes = recipes.lamb_bert_64k_32k()
         if phase not in (1, 2):
-            raise ValueError(
+            raise run_state.FlagError(
                 f"--recipe={recipe} has phases 1 and 2. Received: "
                 f"--phase={phase}."
             )
@@ -181,7 +181,8 @@ def plan_hyperparameters(flags_):
     recipe = flags_.recipe
     batch = flags_.global_batch_size
     if recipe == "lamb_paper" and not batch:
-        raise ValueError("--recipe=lamb_paper needs --global_batch_size.")
+        raise run_state.FlagError(
+            "--recipe=lamb_paper needs --global_batch_size.")
     plan = _recipe_numbers(recipe, flags_.phase, batch, flags_.train_steps,
                            flags_.weight_decay)
     plan.update(recipe=recipe, phase=flags_.phase, optimizer=flags_.optimizer)
@@ -204,19 +205,20 @@ def plan_hyperparameters(flags_):
     for name in ("global_batch_size", "train_steps", "max_seq_length",
                  "max_predictions_per_seq"):
         if not plan.get(name):
-            raise ValueError(f"--{name} is required with --recipe={recipe}.")
+            raise run_state.FlagError(
+                f"--{name} is required with --recipe={recipe}.")
     if "warmup_steps" not in plan:
         plan["warmup_steps"] = max(
             1, round(DEFAULTS["warmup_ratio"] * plan["train_steps"])
         )
     if not 1 <= plan["warmup_steps"] < plan["train_steps"]:
-        raise ValueError(
+        raise run_state.FlagError(
             f"--warmup_steps must be in [1, train_steps={plan['train_steps']})"
             f". Received: {plan['warmup_steps']}."
         )
     k = plan["gradient_accumulation_steps"]
     if k < 1 or plan["global_batch_size"] % k:
-        raise ValueError(
+        raise run_state.FlagError(
             f"--global_batch_size={plan['global_batch_size']} must be a "
             f"multiple of --gradient_accumulation_steps={k} (>= 1)."
         )
@@ -421,12 +423,13 @@ def build_train_input(flags_, plan):
     files = bert_data.expand_patterns(flags_.input_files)
     seq, preds = plan["max_seq_length"], plan["max_predictions_per_seq"]
     metadata = bert_data.read_metadata(files)
-    if metadata and (metadata["max_seq_length"], metadata[
-            "max_predictions_per_seq"]) != (seq, preds):
-        raise ValueError(
+    if metadata and (metadata.get("max_seq_length"), metadata.get(
+            "max_predictions_per_seq")) != (seq, preds):
+        raise run_state.FlagError(
             f"The records in {os.path.dirname(files[0])} have "
-            f"max_seq_length={metadata['max_seq_length']} and "
-            f"max_predictions_per_seq={metadata['max_predictions_per_seq']};"
+            f"max_seq_length={metadata.get('max_seq_length')} and "
+            "max_predictions_per_seq="
+            f"{metadata.get('max_predictions_per_seq')};"
             f" the run expects {seq} and {preds}. Pass --max_seq_length and "
             "--max_predictions_per_seq to match the data."
         )
@@ -434,11 +437,17 @@ def build_train_input(flags_, plan):
         features = bert_data.load_records(files, seq, preds)
         return bert_data.ArrayInput(features, plan["global_batch_size"],
                                     training=True, seed=flags_.seed)
-    num_examples = flags_.num_train_examples or (
-        metadata["num_examples"] if metadata
-        and len(metadata["files"]) == len(files)
-        else bert_data.count_records(files)
-    )
+    bert_data.check_file_sizes(files, metadata)
+    declared = bert_data.declared_counts(files, metadata)
+    if flags_.num_train_examples:
+        num_examples = flags_.num_train_examples
+    elif len(declared) == len(files):
+        num_examples = sum(records for records, _ in declared.values())
+    elif metadata and sorted(map(os.path.basename, files)) == sorted(
+            metadata.get("files", [])):
+        num_examples = metadata["num_examples"]
+    else:
+        num_examples = bert_data.count_records(files)
     return bert_data.RecordInput(
         files, plan["global_batch_size"], seq, preds, num_examples,
         seed=flags_.seed, shuffle_buffer=flags_.shuffle_buffer,
@@ -454,7 +463,7 @@ def build_model_fn(flags_, plan):
         dropout=flags_.dropout,
     )
     if plan["max_seq_length"] > config.max_sequence_length:
-        raise ValueError(
+        raise run_state.FlagError(
             f"--max_seq_length={plan['max_seq_length']} exceeds the model's "
             f"position embeddings ({config.max_sequence_length})."
         )
@@ -494,7 +503,7 @@ NOT_IDENTITY_FLAGS = (
     "strategy", "tpu", "num_cpu_devices", "collective", "jit_compile",
     "eval_files", "model_dir", "steps_per_loop", "save_checkpoints_steps",
     "eval_every_steps", "checkpoint_every_minutes", "results_json",
-    "track_trust_ratios", "allow_changed_flags",
+    "track_trust_ratios", "allow_changed_flags", "deterministic",
 )
 
 
@@ -514,6 +523,7 @@ def validate_flags(flags_):
 
     if not flags_.input_files:
         raise run_state.FlagError("--input_files is required.")
+    check_finite_flags(flag_values_dict(flags_))
     for name in ("global_batch_size", "gradient_accumulation_steps",
                  "train_steps", "warmup_steps", "max_predictions_per_seq"):
         optional(name, 1, ">= 1")
@@ -534,7 +544,33 @@ def validate_flags(flags_):
                  "vocab_size", "num_cpu_devices"):
         check(name, getattr(flags_, name) >= 0, ">= 0")
     check("phase", flags_.phase in (1, 2), "1 or 2")
+    warmup, steps = flags_.warmup_steps, flags_.train_steps
+    check("warmup_steps", not (warmup and steps and warmup >= steps),
+          f"< --train_steps={steps}")
+    batch, k = flags_.global_batch_size, flags_.gradient_accumulation_steps
+    check("gradient_accumulation_steps", not (batch and k and batch % k),
+          f"a divisor of --global_batch_size={batch}")
     run_state.check_init_checkpoint(flags_.init_checkpoint, flags_.model_dir)
+    # Cheap checks of the files, before anything is written or built.
+    for flag in ("input_files", "eval_files"):
+        if getattr(flags_, flag):
+            bert_data.expand_patterns(getattr(flags_, flag), f"--{flag}")
+    if flags_.vocab_file:
+        bert_data.load_vocabulary(flags_.vocab_file)
+    bert_models.load_bert_config(flags_.bert_config)
+    if flags_.init_checkpoint and not (
+            flags_.model_dir and tf.train.latest_checkpoint(flags_.model_dir)):
+        bert_models.resolve_checkpoint(flags_.init_checkpoint)
+
+
+def check_finite_flags(values):
+    """Raises `run_state.FlagError` naming the first float flag of
+    `values` (`{name: value}`) that is infinite or NaN."""
+    for name, value in sorted(values.items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise run_state.FlagError(
+                f"--{name} must be a finite number. Received: {value!r}."
+            )
 
 
 def run_identity(flags_):
@@ -559,10 +595,10 @@ def check_token_ids(flags_, train_input, vocabulary_size):
         source = "the training records"
     else:
         features = bert_data.first_records(
-            train_input.files[:1], train_input.global_batch_size,
+            train_input.files, train_input.global_batch_size,
             train_input.max_seq_length, train_input.max_predictions_per_seq,
         )
-        source = train_input.files[0]
+        source = "the first training records"
     largest = max(int(np.max(features["input_ids"])),
                   int(np.max(features["masked_lm_ids"])))
     if largest >= vocabulary_size:
@@ -579,9 +615,12 @@ def run(flags_, strategy=None, log=print):
     """Pre-trains as `flags_` (the script's flags) say.
 
     Returns the results dict, also written to `results.json` in
-    `--model_dir` (or `--results_json`) by the chief.
+    `--model_dir` (or `--results_json`) by the chief. A corrupt record met
+    while streaming is a `run_state.DataError` naming its file.
     """
-    return train(flags_, strategy, log)[1]
+    with bert_data.corrupt_records_named(flags_.input_files,
+                                         flags_.eval_files):
+        return train(flags_, strategy, log)[1]
 
 
 def train(flags_, strategy=None, log=print):
@@ -593,6 +632,8 @@ def train(flags_, strategy=None, log=print):
     if strategy is None:
         # Before anything creates a tensor (a recipe builds its optimizer).
         distribute.configure_cpu_devices(flags_.num_cpu_devices)
+    if getattr(flags_, "deterministic", False):
+        tf.config.experimental.enable_op_determinism()
     plan = plan_hyperparameters(flags_)
     if strategy is None:
         strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
@@ -603,7 +644,7 @@ def train(flags_, strategy=None, log=print):
     k = plan["gradient_accumulation_steps"]
     replicas = strategy.num_replicas_in_sync
     if plan["global_batch_size"] % (k * replicas):
-        raise ValueError(
+        raise run_state.FlagError(
             f"--global_batch_size={plan['global_batch_size']} must be a "
             f"multiple of --gradient_accumulation_steps={k} x {replicas} "
             "replica(s): each replica runs k equal micro-batches per update."
@@ -622,9 +663,12 @@ def train(flags_, strategy=None, log=print):
         return None, finished
     record.check_plan(plan)
     keras.utils.set_random_seed(flags_.seed)
-    for patterns in filter(None, (flags_.input_files, flags_.eval_files)):
+    for flag, patterns in (("--input_files", flags_.input_files),
+                           ("--eval_files", flags_.eval_files)):
+        if not patterns:
+            continue
         bert_data.check_record_lengths(
-            bert_data.expand_patterns(patterns), plan["max_seq_length"],
+            bert_data.expand_patterns(patterns, flag), plan["max_seq_length"],
             plan["max_predictions_per_seq"],
         )
     train_input = build_train_input(flags_, plan)
@@ -632,7 +676,8 @@ def train(flags_, strategy=None, log=print):
     if flags_.eval_files:
         eval_input = bert_data.ArrayInput(
             bert_data.load_records(flags_.eval_files, plan["max_seq_length"],
-                                   plan["max_predictions_per_seq"]),
+                                   plan["max_predictions_per_seq"],
+                                   flag="--eval_files"),
             plan["micro_batch_size"], training=False,
         )
     model_fn, config = build_model_fn(flags_, plan)
@@ -646,6 +691,8 @@ def train(flags_, strategy=None, log=print):
         jit_compile=flags_.jit_compile, log=log,
         gradient_accumulation_steps=k,
     )
+    bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
+                                         flags_.model_dir, log)
     initialised_from = None
     resuming = flags_.model_dir and tf.train.latest_checkpoint(
         flags_.model_dir
@@ -819,7 +866,12 @@ def _define_flags(flags, f):
     flags.DEFINE_integer(
         "eval_every_steps", 0, "Evaluate --eval_files every this many "
         "updates (0: at the end only).", **f)
-    flags.DEFINE_integer("seed", 0, "Seed of weights and shuffling.", **f)
+    flags.DEFINE_integer("seed", 0, "Seed of weights, shuffling and "
+                         "dropout.", **f)
+    flags.DEFINE_boolean(
+        "deterministic", False, "Turn on TensorFlow op determinism "
+        "(tf.config.experimental.enable_op_determinism) for bit-identical "
+        "reruns and resumes on GPUs and TPUs (slower).", **f)
     flags.DEFINE_string(
         "results_json", None, "Where to write results.json (default: "
         "--model_dir/results.json).", **f)

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tpu_scripts import trainer
+from tpu_scripts.run_state import DataError
 from tpu_scripts.bert import data as bert_data
 
 SquadExample = collections.namedtuple(
@@ -39,23 +40,41 @@ SquadExample = collections.namedtuple(
 
 def read_squad_json(path):
     """Examples of a SQuAD v1.1 JSON file (`answer_start` of the first
-    answer, -1 when there is none)."""
-    with tf.io.gfile.GFile(path) as f:
-        dataset = json.load(f)
-    if "data" not in dataset:
-        raise ValueError(f"{path!r} is not a SQuAD JSON file (no 'data').")
+    answer, -1 when there is none). A file that is not valid JSON (e.g.
+    truncated) or lacks SQuAD's fields is a `run_state.DataError` naming
+    it."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            dataset = json.loads(f.read())
+    except (OSError, tf.errors.OpError) as e:
+        raise DataError(f"Cannot read {path}: {e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(
+            f"{path} is not valid JSON ({e}); a truncated download? SQuAD "
+            "v1.1's files are train-v1.1.json and dev-v1.1.json."
+        ) from None
+    if not isinstance(dataset, dict) or "data" not in dataset:
+        raise DataError(f"{path!r} is not a SQuAD JSON file (no 'data').")
     examples = []
-    for article in dataset["data"]:
-        for paragraph in article["paragraphs"]:
-            context = paragraph["context"]
-            for qa in paragraph["qas"]:
-                answers = [a["text"] for a in qa.get("answers", [])]
-                start = qa["answers"][0]["answer_start"] if answers else -1
-                examples.append(SquadExample(
-                    qa["id"], qa["question"], context, answers, start
-                ))
+    try:
+        for article in dataset["data"]:
+            for paragraph in article["paragraphs"]:
+                context = paragraph["context"]
+                for qa in paragraph["qas"]:
+                    answers = [a["text"] for a in qa.get("answers", [])]
+                    start = (qa["answers"][0]["answer_start"] if answers
+                             else -1)
+                    examples.append(SquadExample(
+                        qa["id"], qa["question"], context, answers, start
+                    ))
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise DataError(
+            f"{path} is not a SQuAD v1.1 file: question "
+            f"{len(examples)} lacks {e} (expected data / paragraphs / "
+            "context, qas / id, question, answers)."
+        ) from None
     if not examples:
-        raise ValueError(f"No questions in {path!r}.")
+        raise DataError(f"No questions in {path!r}.")
     return examples
 
 
