@@ -302,8 +302,9 @@ class RunLock:
     """
 
     def __init__(self, model_dir, heartbeat_seconds=60.0, stale_seconds=300.0,
-                 log=print):
-        self.path = os.path.join(model_dir, LOCK_FILENAME)
+                 log=print, filename=LOCK_FILENAME, flag="--model_dir"):
+        self.path = os.path.join(model_dir, filename)
+        self.flag = flag
         self.heartbeat_seconds = heartbeat_seconds
         self.stale_seconds = stale_seconds
         self.log = log
@@ -369,10 +370,10 @@ class RunLock:
             reason = self._stale_reason(holder)
             if reason is None:
                 raise LockedError(
-                    f"--model_dir={os.path.dirname(self.path)} is in use by "
+                    f"{self.flag}={os.path.dirname(self.path)} is in use by "
                     f"another run ({self._describe(holder)}; lock file "
                     f"{self.path}). Wait for it to end, or use another "
-                    "--model_dir. A lock whose holder is gone is taken over "
+                    f"{self.flag}. A lock whose holder is gone is taken over "
                     f"by itself (on another host after {self.stale_seconds:.0f} "
                     "s without heartbeat); delete the file only if you are "
                     "sure no run uses the directory."
@@ -410,7 +411,7 @@ class RunLock:
         if self.lost:
             raise LockedError(
                 f"Another run took over {self.path}; this run stops so that "
-                "the two do not write the same --model_dir.")
+                f"the two do not write the same {self.flag}.")
 
     def release(self):
         """Stops the heartbeat and deletes the lock file if still ours."""

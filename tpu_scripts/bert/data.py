@@ -37,7 +37,6 @@ import json
 import os
 import random
 import re
-import socket
 import time
 import unicodedata
 import uuid
@@ -663,70 +662,19 @@ class DatasetWriter:
             )
 
     def _lock(self):
-        """Writes `LOCK` (host and pid); refuses if a live process holds
-        it. A lock of another host is taken as live."""
-        path = os.path.join(self.output_dir, LOCK_FILENAME)
-        holder = _read_lock(path)
-        if holder is not None and _alive(holder):
-            raise FlagError(
-                f"--output_dir={self.output_dir} is being written by "
-                f"another create_pretraining_data (pid {holder.get('pid')} "
-                f"on {holder.get('host')}, see {path}). Wait for it, or "
-                f"remove {path} if that run is no longer alive."
-            )
-        me = json.dumps(dict(host=socket.gethostname(), pid=os.getpid()))
-        if "://" in path:
-            write_text(path, me)
-        else:  # exclusive create: of two starting together, one wins
-            if holder is not None:
-                os.remove(path)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                raise FlagError(
-                    f"--output_dir={self.output_dir} is being written by "
-                    f"another create_pretraining_data (see {path})."
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-        self._locked = True
+        """Takes `LOCK` (`run_state.RunLock`: host, PID and heartbeat;
+        refused while a live process holds it, taken over from a dead
+        one)."""
+        from tpu_scripts.run_state import RunLock
+
+        self._locked = RunLock(self.output_dir, log=self.log,
+                               filename=LOCK_FILENAME,
+                               flag="--output_dir").acquire()
 
     def _unlock(self):
         if self._locked:
-            path = os.path.join(self.output_dir, LOCK_FILENAME)
-            if tf.io.gfile.exists(path):
-                tf.io.gfile.remove(path)
+            self._locked.release()
             self._locked = False
-
-
-def _read_lock(path):
-    """The `{host, pid}` in a `LOCK` file, `{}` if unreadable, `None` if
-    there is none."""
-    if not tf.io.gfile.exists(path):
-        return None
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            holder = json.loads(f.read())
-        return holder if isinstance(holder, dict) else {}
-    except (ValueError, OSError, tf.errors.OpError):
-        return {}
-
-
-def _alive(holder):
-    """Whether the process of a lock may still run (one of this host that
-    has exited, or this process itself, does not)."""
-    if holder.get("host") != socket.gethostname():
-        return bool(holder)  # an unreadable lock is stale
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------

@@ -282,9 +282,17 @@ def checkpoint_dropout_state(checkpoint, model, model_dir=None, log=print):
     """
     states = [generator.state for layer in model._flatten_layers()
               for generator in layer._seed_generators]
-    latest = model_dir and tf.train.latest_checkpoint(model_dir)
-    if latest and not any(name.startswith("dropout_state/")
-                          for name, _ in tf.train.list_variables(latest)):
+    from tpu_scripts import run_state
+
+    checkpoints = run_state.list_checkpoints(model_dir)
+    latest = checkpoints[-1][1] if checkpoints else None
+    try:
+        names = [name for name, _ in tf.train.list_variables(latest)] if (
+            latest) else []
+    except Exception:  # noqa: BLE001 damaged: the trainer falls back
+        names = None
+    if names and not any(name.startswith("dropout_state/")
+                         for name in names):
         log(f"{latest} holds no dropout state (an older checkpoint): the "
             "resumed run's dropout masks differ from an uninterrupted "
             "run's.")
