@@ -258,14 +258,19 @@ def _pipeline_share(input_context, global_batch_size):
 class InputSpec:
     """The facts the trainer needs about a dataset split."""
 
-    def __init__(self, num_examples, global_batch_size, training):
+    def __init__(self, num_examples, global_batch_size, training,
+                 source="The training set"):
+        from tpu_scripts import run_state
+
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.training = training
         if training and num_examples < global_batch_size:
-            raise ValueError(
-                f"The training set has {num_examples} examples, fewer than "
-                f"one global batch of {global_batch_size}."
+            raise run_state.FlagError(
+                f"--global_batch_size={global_batch_size} is larger than "
+                f"the training set: {source} holds {num_examples} examples, "
+                "fewer than one global batch. Lower --global_batch_size (or "
+                "use more data)."
             )
 
     @property
