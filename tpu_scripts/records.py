@@ -218,3 +218,21 @@ def data_error(error):
     if match is None:
         return None
     return run_state.DataError(match.group(1).strip())
+
+
+def data_errors_raised(fn):
+    """`fn`, with a `tf.errors.OpError` that carries a data check's message
+    (`data_error`) raised as that `run_state.DataError` instead."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except tf.errors.OpError as e:
+            error = data_error(e)
+            if error is None:
+                raise
+            raise error from None
+
+    return wrapper

@@ -29,6 +29,7 @@ top-1, the steps, the wall time, images/s, when `--target_accuracy` was
 reached and every flag.
 """
 
+import math
 import os
 import sys
 import time
@@ -53,6 +54,9 @@ from tpu_scripts.optimizers import (  # noqa: E402
 )
 
 RECIPE_NAMES = ("none", "mlperf", "goyal", "lamb_paper")
+# The largest --image_size accepted: 8x ResNet-50's 224, past anything
+# trained at; a larger size would only exhaust the accelerator's memory.
+MAX_IMAGE_SIZE = 2048
 
 # --recipe=none defaults, per optimizer: base rate at `base_batch_size` 256,
 # scaling rule, decay, weight decay. Every value can be overridden by a flag.
@@ -301,10 +305,7 @@ def build_inputs(flags_, global_batch_size, eval_batch_size, log=print):
             "--data_dir; offline: `apt-get install dataset-fashion-mnist`).")
     image_size = flags_.image_size or (
         224 if flags_.model in ("resnet50", "resnet50_v1") else None)
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=flags_.data_dir)
-    builder.download_and_prepare()
+    builder = _tfds_builder(name, flags_.data_dir)
     if image_size is None:
         image_size = builder.info.features["image"].shape[0]
     eval_split = flags_.eval_split or (
@@ -318,25 +319,80 @@ def build_inputs(flags_, global_batch_size, eval_batch_size, log=print):
                            shuffle_buffer=flags_.shuffle_buffer, **common)
     evaluation = data.TFDSInput(name, eval_split, eval_batch_size, False,
                                 **common)
+    check_eval_batch(flags_, evaluation)
     shape = (image_size, image_size, train.channels)
     return train, evaluation, shape, train.num_classes
 
 
+def _tfds_builder(name, data_dir):
+    """The prepared TFDS builder of `--dataset`; what TFDS cannot load (no
+    package, no such dataset, no network, a manual download missing) is a
+    `run_state.DataError` naming the flags."""
+    from tpu_scripts import run_state
+
+    try:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(name, data_dir=data_dir)
+        builder.download_and_prepare()
+    except Exception as e:  # TFDS raises many kinds
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise run_state.DataError(
+            f"--dataset={name} (--data_dir={data_dir}) could not be loaded "
+            f"from TFDS: {type(e).__name__}: {first}"
+        ) from None
+    return builder
+
+
+def check_eval_batch(flags_, evaluation):
+    """Raises `run_state.FlagError` when the evaluation batch is larger than
+    the evaluation set (a batch of padding)."""
+    from tpu_scripts import run_state
+
+    if evaluation is None:
+        return
+    if evaluation.global_batch_size > evaluation.num_examples:
+        name = ("eval_batch_size" if flags_.eval_batch_size
+                else "global_batch_size")
+        raise run_state.FlagError(
+            f"--{name}={evaluation.global_batch_size} (the evaluation "
+            f"batch) is larger than the evaluation set, which holds "
+            f"{evaluation.num_examples} examples. Lower --eval_batch_size."
+        )
+
+
 def check_data_flags(flags_):
-    """Raises `ValueError` naming the flag when the data flags disagree."""
+    """Raises `run_state.FlagError` naming the flag when the data flags
+    disagree or are out of range (reads no data)."""
+    from tpu_scripts import run_state
+
     if flags_.synthetic_data and (flags_.train_files or flags_.eval_files):
-        raise ValueError("--synthetic_data makes its own data; drop "
-                         "--train_files and --eval_files.")
+        raise run_state.FlagError(
+            "--synthetic_data makes its own data; drop --train_files and "
+            "--eval_files.")
     if flags_.eval_files and not flags_.train_files:
-        raise ValueError("--eval_files needs --train_files (TFDS data "
-                         "evaluates on --eval_split).")
+        raise run_state.FlagError(
+            "--eval_files needs --train_files (TFDS data evaluates on "
+            "--eval_split).")
     for name in ("num_train_examples", "num_eval_examples", "image_size"):
         if getattr(flags_, name) < 0:
-            raise ValueError(f"--{name} must be >= 0. Received: "
-                             f"{getattr(flags_, name)}.")
+            raise run_state.FlagError(
+                f"--{name} must be >= 0. Received: {getattr(flags_, name)}.")
+    if flags_.image_size > MAX_IMAGE_SIZE:
+        raise run_state.FlagError(
+            f"--image_size must be <= {MAX_IMAGE_SIZE} (0: the model's or "
+            f"the dataset's own). Received: {flags_.image_size}.")
     if flags_.num_classes < 1:
-        raise ValueError(f"--num_classes must be >= 1. Received: "
-                         f"{flags_.num_classes}.")
+        raise run_state.FlagError(
+            f"--num_classes must be >= 1. Received: {flags_.num_classes}.")
+    uses_data_dir = not (flags_.synthetic_data or flags_.train_files)
+    if uses_data_dir and flags_.data_dir:
+        import tensorflow as tf
+
+        if not tf.io.gfile.isdir(flags_.data_dir):
+            raise run_state.FlagError(
+                f"--data_dir={flags_.data_dir} is not a directory (or does "
+                "not exist); for a TFDS download, create it first.")
 
 
 def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
@@ -344,10 +400,7 @@ def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
 
     size = flags_.image_size or 224
     common = dict(image_size=size, num_classes=flags_.num_classes,
-                  seed=flags_.seed)
-    if not flags_.num_train_examples:
-        log("Counting the records of --train_files (pass "
-            "--num_train_examples to skip this; ImageNet: 1281167).")
+                  seed=flags_.seed, log=log)
     train = imagenet_tfrecords.TFRecordInput(
         flags_.train_files, global_batch_size, True,
         num_examples=flags_.num_train_examples,
@@ -361,6 +414,7 @@ def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
             files_flag="--eval_files", count_flag="--num_eval_examples",
             **common,
         )
+    check_eval_batch(flags_, evaluation)
     log(f"Data: ImageNet TFRecords, {train.num_examples} training examples "
         f"in {len(train.files)} files"
         + (f", {evaluation.num_examples} evaluation examples in "
@@ -386,6 +440,7 @@ def _synthetic_inputs(flags_, global_batch_size, eval_batch_size, log):
         evaluation = imagenet_tfrecords.SyntheticInput(
             flags_.num_eval_examples, eval_batch_size, False, **common
         )
+    check_eval_batch(flags_, evaluation)
     log(f"Data: synthetic, made on the device: {size}x{size}x3 images, "
         f"{flags_.num_classes} classes, {train.num_examples} examples per "
         f"epoch, {flags_.num_eval_examples} evaluation examples.")
@@ -395,11 +450,26 @@ def _synthetic_inputs(flags_, global_batch_size, eval_batch_size, log):
 def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
     from tpu_scripts.resnet import data
 
+    from tpu_scripts import run_state
+
     (train_x, train_y), (test_x, test_y) = train, test
+    for name, (x, _) in (("train_examples", train), ("eval_examples", test)):
+        wanted = getattr(flags_, name)
+        if wanted > len(x):
+            raise run_state.DataError(
+                f"--{name}={wanted}, but the "
+                f"{'training' if name == 'train_examples' else 'evaluation'}"
+                f" set in --data_dir={flags_.data_dir} holds only {len(x)} "
+                f"examples. Lower --{name} (0: all).")
     if flags_.train_examples:
         train_x, train_y = (a[: flags_.train_examples] for a in train)
     if flags_.eval_examples:
         test_x, test_y = (a[: flags_.eval_examples] for a in test)
+    for split, labels in (("training", train_y), ("evaluation", test_y)):
+        if len(labels) and labels.min() < 0:
+            raise run_state.DataError(
+                f"The {split} labels in --data_dir={flags_.data_dir} hold "
+                f"{int(labels.min())}; labels must be >= 0.")
     image_size = flags_.image_size or train_x.shape[1]
     common = dict(image_size=image_size, augmentation=flags_.augmentation,
                   seed=flags_.seed)
@@ -407,6 +477,7 @@ def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
                                   **common)
     eval_input = data.ArrayInput(test_x, test_y, eval_batch_size, False,
                                  **common)
+    check_eval_batch(flags_, eval_input)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     return (train_input, eval_input,
             (image_size, image_size, train_x.shape[-1]), num_classes)
@@ -534,8 +605,20 @@ def optimizer_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
 
 
 def _warmup_steps(warmup_epochs, steps_per_epoch, train_steps):
-    return min(int(round(warmup_epochs * steps_per_epoch)),
-               max(train_steps - 1, 0))
+    """The warmup's steps; `run_state.FlagError` when they are as many as
+    the run's (the run would be all warmup, its peak rate never used)."""
+    from tpu_scripts import run_state
+
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    if warmup_steps and warmup_steps >= train_steps:
+        raise run_state.FlagError(
+            f"--warmup_epochs={warmup_epochs:g} is {warmup_steps} steps "
+            f"({steps_per_epoch} per epoch), not fewer than the run's "
+            f"{train_steps} steps (--epochs / --train_steps): the whole run "
+            "would be warmup. Lower --warmup_epochs to below "
+            f"{train_steps / steps_per_epoch:g}."
+        )
+    return warmup_steps
 
 
 def _maybe_loss_scale(optimizer, mixed_precision, keras):
@@ -681,6 +764,9 @@ def validate_flags(flags_):
             raise run_state.FlagError(f"--{name} must be {requirement}. Received: "
                              f"{getattr(flags_, name)!r}.")
 
+    for name, value in flag_values_dict(flags_).items():
+        check(name, not isinstance(value, float) or math.isfinite(value),
+              "a finite number")
     check("global_batch_size", flags_.global_batch_size > 0, "positive")
     for name in ("eval_batch_size", "train_steps", "epochs_between_evals",
                  "checkpoint_every", "checkpoint_every_minutes",
@@ -706,6 +792,7 @@ def validate_flags(flags_):
           or flags_.optimizer == "lars", "false unless --optimizer=lars "
           f"(LARC clipping; --optimizer={flags_.optimizer} has no such "
           "option)")
+    check_data_flags(flags_)
 
 
 def run_identity(flags_):
@@ -907,9 +994,10 @@ def _summary(results):
 
 
 def main(argv):
-    from tpu_scripts import run_state
+    from tpu_scripts import records, run_state
 
-    run_state.run_script(run, argv)
+    # A damaged record met while training ends as one `Error:` line too.
+    run_state.run_script(records.data_errors_raised(run), argv)
 
 
 if __name__ == "__main__":
