@@ -276,7 +276,7 @@ class InputSpec:
     """The facts the trainer needs about a dataset split."""
 
     def __init__(self, num_examples, global_batch_size, training,
-                 source="The training set"):
+                 source="the training set"):
         from tpu_scripts import run_state
 
         self.num_examples = num_examples
@@ -284,10 +284,10 @@ class InputSpec:
         self.training = training
         if training and num_examples < global_batch_size:
             raise run_state.FlagError(
-                f"--global_batch_size={global_batch_size} is larger than "
-                f"the training set: {source} holds {num_examples} examples, "
-                "fewer than one global batch. Lower --global_batch_size (or "
-                "use more data)."
+                f"--global_batch_size={global_batch_size} is more than the "
+                f"{num_examples} examples of {source}: not one whole "
+                "training batch. Lower --global_batch_size (or use more "
+                "data)."
             )
 
     @property

@@ -385,6 +385,12 @@ def check_data_flags(flags_):
     if flags_.num_classes < 1:
         raise run_state.FlagError(
             f"--num_classes must be >= 1. Received: {flags_.num_classes}.")
+    if flags_.train_files or flags_.eval_files:
+        from tpu_scripts.resnet.imagenet_tfrecords import expand_globs
+
+        expand_globs(flags_.train_files, "--train_files")
+        if flags_.eval_files:
+            expand_globs(flags_.eval_files, "--eval_files")
     uses_data_dir = not (flags_.synthetic_data or flags_.train_files)
     if uses_data_dir and flags_.data_dir:
         import tensorflow as tf
@@ -628,11 +634,13 @@ def _maybe_loss_scale(optimizer, mixed_precision, keras):
 
 
 def _recipe_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
+    from tpu_scripts import run_state
+
     # Imported here: the rest of the script works without the recipes.
     try:
         from keras_lamb import recipes
     except ImportError as e:
-        raise ValueError(
+        raise run_state.FlagError(
             f"--recipe={flags_.recipe} needs keras_lamb.recipes, which this "
             f"keras_lamb does not have ({e}). Use --recipe=none."
         ) from None
@@ -642,7 +650,7 @@ def _recipe_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
 
     recipe, name = flags_.recipe, flags_.optimizer
     if name not in RECIPE_OPTIMIZERS[recipe]:
-        raise ValueError(
+        raise run_state.FlagError(
             f"--recipe={recipe} is defined for --optimizer="
             f"{'|'.join(RECIPE_OPTIMIZERS[recipe])}, not --optimizer={name}."
         )
@@ -720,7 +728,7 @@ def _recipe_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
             config = optimizer.get_config()
             unknown = sorted(set(overrides) - set(config))
             if unknown:
-                raise ValueError(
+                raise run_state.FlagError(
                     f"--{', --'.join(unknown)} do(es) not apply to "
                     f"--recipe={recipe}'s {type(optimizer).__name__}."
                 )
@@ -755,8 +763,9 @@ NOT_IDENTITY_FLAGS = (
 
 
 def validate_flags(flags_):
-    """Raises `run_state.FlagError` (a `ValueError`) naming the flag for any value out of range (before
-    any data or model is built)."""
+    """Raises `run_state.FlagError` (a `ValueError`) naming the flag for
+    any value out of range, non-finite or in conflict: everything that can
+    be checked before any data is read or model built."""
     from tpu_scripts import run_state
 
     def check(name, ok, requirement):
@@ -793,6 +802,16 @@ def validate_flags(flags_):
           f"(LARC clipping; --optimizer={flags_.optimizer} has no such "
           "option)")
     check_data_flags(flags_)
+    if flags_.recipe != "none" and (
+            flags_.optimizer not in RECIPE_OPTIMIZERS[flags_.recipe]):
+        raise run_state.FlagError(
+            f"--recipe={flags_.recipe} is defined for --optimizer="
+            f"{'|'.join(RECIPE_OPTIMIZERS[flags_.recipe])}, not "
+            f"--optimizer={flags_.optimizer}.")
+    # Whether there will be an evaluation set is known from the flags.
+    no_eval = ((flags_.synthetic_data and not flags_.num_eval_examples)
+               or (flags_.train_files and not flags_.eval_files))
+    check_target_flags(flags_, None if no_eval else True)
 
 
 def run_identity(flags_):
@@ -842,18 +861,22 @@ class EvaluationLog:
 
 
 def check_target_flags(flags_, eval_input):
+    """Raises `run_state.FlagError` for a target the run cannot reach
+    (`eval_input`: the evaluation input, `None` when there is none)."""
+    from tpu_scripts import run_state
+
     if not 0.0 <= flags_.target_accuracy <= 1.0:
-        raise ValueError(
+        raise run_state.FlagError(
             "--target_accuracy must be in [0, 1] (0: no target). Received: "
             f"{flags_.target_accuracy}."
         )
     if flags_.target_accuracy and eval_input is None:
-        raise ValueError(
+        raise run_state.FlagError(
             "--target_accuracy needs an evaluation set: --eval_files (or "
             "--num_eval_examples with --synthetic_data)."
         )
     if flags_.epochs_between_evals < 0:
-        raise ValueError(
+        raise run_state.FlagError(
             "--epochs_between_evals must be >= 0. Received: "
             f"{flags_.epochs_between_evals}."
         )
