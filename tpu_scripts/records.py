@@ -179,8 +179,8 @@ def checked_records(path, size, flag=""):
             tf.strings.as_string(index), " (byte ", tf.strings.as_string(
                 consumed), " of ", tf.strings.as_string(size),
             "): the file is truncated or corrupt (its records end or break "
-            "before its last byte). Replace the file (or leave it out of "
-            "the glob).",
+            "before its last byte, or it could not be read to its end). "
+            "Replace the file (or leave it out of the glob).",
         ])
         check = tf.debugging.Assert(whole, [message])
         with tf.control_dependencies([check]):

@@ -26,9 +26,14 @@ is a re-read (without decoding) of the epoch's records before `start_step`.
 
 Bad records stop the input with an error naming the flag, the file and the
 record: a missing `image/encoded` or `image/class/label`, a label outside
-[1, num_classes], bytes that do not decode as a JPEG. A wrong evaluation
-count (`num_examples`) is an error too, raised when the evaluation reads past
-it or runs short.
+[1, num_classes], bytes that do not decode as a JPEG. So does a file that
+is truncated or corrupt (`tpu_scripts.records`: its records must add up to
+its size, with both checksums right), and a wrong count (`num_examples`),
+raised when the input reads past it or runs short: always for evaluation,
+and for training when one input pipeline reads all the files. The messages
+start with `records.MARKER`; `records.data_error` turns the TensorFlow
+error into a `run_state.DataError`. Files named as ImageNet's shards in the
+TPU layout must hold ImageNet's count (`known_count`).
 
 `SyntheticInput` yields example indices and random labels; the images are
 made from the indices on the accelerator (`synthetic_images`), so that no
@@ -280,9 +285,10 @@ class TFRecordInput(data.InputSpec):
             evaluation (`(images, labels, weights)`, weight 0 on padding).
         image_size: output height and width.
         num_classes: labels in the files must lie in [1, num_classes].
-        num_examples: records in `files`; 0 counts them (reads every file).
-            A wrong training count changes only the epoch length; a wrong
-            evaluation count is an error.
+        num_examples: records in `files`; 0 counts them (reads every file
+            and checks it whole). A wrong count is an error when the input
+            reads past it or runs short (training: unless the files are
+            sharded over several input pipelines).
         seed: seed of file order, shuffling and augmentation.
         shuffle_buffer: records in the shuffle buffer (serialised: ~110 KB
             each for ImageNet).
@@ -295,6 +301,8 @@ class TFRecordInput(data.InputSpec):
                  shuffle_buffer=10000, cycle_length=16,
                  files_flag="--train_files",
                  count_flag="--num_train_examples", log=None):
+        # (log: a `print`-like function for the note that files are being
+        # counted.)
         for name, value in (("image_size", image_size),
                             ("num_classes", num_classes)):
             if value < 1:

@@ -97,13 +97,16 @@ def _define_flags(f):
         "--train_files; empty: no evaluation).", **f)
     flags.DEFINE_integer(
         "num_train_examples", 0, "Records in --train_files (0: count them, "
-        "which reads every file once; ImageNet: 1281167). With "
+        "which reads every file once and checks it whole; ImageNet: "
+        "1281167, required of files named as its 1024 shards "
+        "train-*-of-01024). A wrong count stops the run with an error "
+        "(unless the files are sharded over several hosts). With "
         "--synthetic_data: examples per epoch (0: 1281167).", **f)
     flags.DEFINE_integer(
         "num_eval_examples", 0, "Records in --eval_files (0: count them; "
-        "ImageNet: 50000); a wrong count stops the evaluation with an "
-        "error. With --synthetic_data: evaluation examples (0: no "
-        "evaluation).", **f)
+        "ImageNet: 50000, required of validation-*-of-00128); a wrong count "
+        "stops the evaluation with an error. With --synthetic_data: "
+        "evaluation examples (0: no evaluation).", **f)
     flags.DEFINE_integer(
         "num_classes", 1000, "Classes of --train_files and "
         "--synthetic_data (the files' labels are 1..num_classes).", **f)
