@@ -266,6 +266,28 @@ def test_corrupt_record_script_exits_with_one_error_line(shards, tmp_path):
     assert "DataLossError" not in output
 
 
+def test_label_outside_the_classes_is_one_data_error(shards):
+    train = train_input(f"{shards}/train-*", num_examples=TRAIN)
+    train.num_classes = 2  # the files' labels are 1..10
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        read_epoch(train)
+    error = records.data_error(caught.value)
+    assert isinstance(error, run_state.DataError)
+    assert str(error).startswith(f"--train_files: {shards}/train-")
+    assert str(error).endswith("is outside [1, 2] (labels in the files are "
+                               "1-based; --num_classes=2).")
+
+
+def test_truncated_idx_file_is_a_data_error(idx_dir, tmp_path):
+    name = "train-images-idx3-ubyte.gz"
+    content = open(os.path.join(idx_dir, name), "rb").read()
+    cut = tmp_path / name
+    cut.write_bytes(content[: len(content) // 2])
+    with pytest.raises(run_state.DataError, match=f"{cut} is not a whole "
+                       "gzip file .*truncated or corrupt"):
+        data.read_idx(str(cut))
+
+
 # ----------------------------------------------------------------------------
 # Items 14 and 6: user errors, found before data is read or a model built.
 
@@ -286,6 +308,9 @@ def test_corrupt_record_script_exits_with_one_error_line(shards, tmp_path):
     (["--epochs=inf"], "--epochs must be a finite number"),
     (["--checkpoint_every_minutes=-inf"], "--checkpoint_every_minutes must "
      "be a finite number"),
+    (["--small_resnet_widths=100000,8"], "--small_resnet_widths must be a "
+     r"list of integers in \[1, 4096\]"),
+    ([f"--train_files={ROOT}/tests"], "matches the folder"),
 ])
 def test_absurd_flags_are_refused_before_any_data(argv, message):
     with pytest.raises(run_state.FlagError, match=message):

@@ -205,7 +205,10 @@ def locate_damaged_record(files, flag=""):
     return None
 
 
-_ASSERT_MESSAGE = re.compile(re.escape(MARKER) + r"(.*?)(?:\]|\n|$)")
+# In a TensorFlow error, an assertion's message reads `assertion failed:
+# [<message>]`, then a newline, `[[{{node ...}}]]` or `[Op:...]`.
+_ASSERT_MESSAGE = re.compile(
+    re.escape(MARKER) + r"([^\n]*?)\](?=\s*(?:\n|$|\[\[|\[Op:))")
 
 
 def data_error(error):

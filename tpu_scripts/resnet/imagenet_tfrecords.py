@@ -71,6 +71,12 @@ def expand_globs(patterns, flag="--train_files"):
         if not matches:
             raise run_state.FlagError(
                 f"{flag}: {pattern!r} matches no file.")
+        folders = [m for m in matches if tf.io.gfile.isdir(m)]
+        if folders:
+            raise run_state.FlagError(
+                f"{flag}: {pattern!r} matches the folder {folders[0]}; give "
+                f"a glob of TFRecord files (e.g. {folders[0].rstrip('/')}"
+                "/train-*).")
         files.update(matches)
     return sorted(files)
 

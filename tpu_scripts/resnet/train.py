@@ -57,6 +57,9 @@ RECIPE_NAMES = ("none", "mlperf", "goyal", "lamb_paper")
 # The largest --image_size accepted: 8x ResNet-50's 224, past anything
 # trained at; a larger size would only exhaust the accelerator's memory.
 MAX_IMAGE_SIZE = 2048
+# The widest small_resnet stage accepted (ResNet-50's widest has 2048
+# channels); wider only exhausts memory.
+MAX_WIDTH = 4096
 
 # --recipe=none defaults, per optimizer: base rate at `base_batch_size` 256,
 # scaling rule, decay, weight decay. Every value can be overridden by a flag.
@@ -792,8 +795,9 @@ def validate_flags(flags_):
                  "small_resnet_blocks", "stem_stride"):
         check(name, getattr(flags_, name) >= 1, ">= 1")
     check("small_resnet_widths", all(
-        str(w).isdigit() and int(w) > 0 for w in flags_.small_resnet_widths),
-        "a list of positive integers")
+        str(w).isdigit() and 0 < int(w) <= MAX_WIDTH
+        for w in flags_.small_resnet_widths),
+        f"a list of integers in [1, {MAX_WIDTH}]")
     for name in ("learning_rate", "base_learning_rate", "weight_decay",
                  "epsilon"):
         value = getattr(flags_, name)
