@@ -217,7 +217,7 @@ def test_imagenet_shard_names_give_the_known_counts(monkeypatch):
             train, 1281000, "--train_files", "--num_train_examples")
     # Counted (0): the count read must be ImageNet's.
     monkeypatch.setattr(imagenet_tfrecords, "count_records",
-                        lambda files, flag: 1_281_000)
+                        lambda files, flag, sizes: 1_281_000)
     with pytest.raises(run_state.DataError, match=(
             "which hold 1281167 records, but they hold 1281000")):
         imagenet_tfrecords.resolve_count(

@@ -78,6 +78,16 @@ def file_size(path):
     return tf.io.gfile.stat(path).length
 
 
+def file_sizes(files):
+    """`{file: size in bytes}`, looked up in parallel (a look-up on GCS
+    takes tens of milliseconds; ImageNet has 1152 files)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = list(files)
+    with ThreadPoolExecutor(max_workers=min(32, max(1, len(files)))) as pool:
+        return dict(zip(files, pool.map(file_size, files)))
+
+
 def describe_damage(path, record, offset, size):
     """Why the frame of record `record`, starting at byte `offset` of `path`
     (a file of `size` bytes), cannot be read: one sentence."""
@@ -130,15 +140,17 @@ def _file_totals(path):
     )
 
 
-def count_records(files, flag=""):
+def count_records(files, flag="", sizes=None):
     """The number of records in `files`, each file read once (in parallel)
     and checked whole: both checksums of every record, and frames that add
-    up to the file's size. Raises `run_state.DataError` naming the first
-    damaged file (in the order of `files`), the record and the byte."""
+    up to the file's size (`sizes`: `{file: size}`, looked up when not
+    given). Raises `run_state.DataError` naming the first damaged file (in
+    the order of `files`), the record and the byte."""
     files = list(files)
     if not files:
         return 0
-    sizes = [file_size(f) for f in files]
+    sizes = sizes or file_sizes(files)
+    sizes = [sizes[f] for f in files]
 
     def totals(path):
         return tf.data.Dataset.from_tensors(_file_totals(path))

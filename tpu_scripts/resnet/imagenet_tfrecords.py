@@ -81,10 +81,10 @@ def expand_globs(patterns, flag="--train_files"):
     return sorted(files)
 
 
-def count_records(files, flag=""):
+def count_records(files, flag="", sizes=None):
     """Number of records in `files` (reads every file once and checks it
     whole: `tpu_scripts.records.count_records`)."""
-    return records.count_records(files, flag)
+    return records.count_records(files, flag, sizes)
 
 
 # The TPU / Model Garden conversion tools write ImageNet as 1024 training
@@ -106,7 +106,8 @@ def known_count(files):
     return None
 
 
-def resolve_count(files, num_examples, files_flag, count_flag, log=None):
+def resolve_count(files, num_examples, files_flag, count_flag, log=None,
+                  sizes=None):
     """The record count of `files`: `num_examples` when given, else counted
     (every file read once and checked whole). Where the count is known
     (ImageNet's shards, `known_count`) a given or counted count that
@@ -124,7 +125,7 @@ def resolve_count(files, num_examples, files_flag, count_flag, log=None):
         log(f"Counting and checking the records of {files_flag} (pass "
             f"{count_flag} to skip this"
             + (f"; these are ImageNet's: {known})." if known else ")."))
-    count = count_records(files, files_flag)
+    count = count_records(files, files_flag, sizes)
     if known is not None and count != known:
         raise run_state.DataError(
             f"{files_flag} are named as ImageNet's {len(files)} shards in "
@@ -323,10 +324,10 @@ class TFRecordInput(data.InputSpec):
         self.count_flag = count_flag
         # Each file's size: a file whose records do not add up to it is
         # truncated or corrupt (`records.checked_records`).
-        self.sizes = {f: records.file_size(f) for f in self.files}
+        self.sizes = records.file_sizes(self.files)
         super().__init__(
             resolve_count(self.files, num_examples, files_flag, count_flag,
-                          log),
+                          log, self.sizes),
             global_batch_size, training, files_flag)
         self.image_size = image_size
         self.num_classes = num_classes
@@ -352,7 +353,7 @@ class TFRecordInput(data.InputSpec):
                 lambda index, record: (file, index, record))
 
         files = list(files)
-        sizes = [self.sizes[f] for f in files]
+        sizes = np.array([self.sizes[f] for f in files], np.int64)  # > 2 GB
         return tf.data.Dataset.from_tensor_slices((files, sizes)).interleave(
             read, cycle_length=min(self.cycle_length, len(files)),
             block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
