@@ -345,7 +345,8 @@ def test_batch_larger_than_the_tfrecords_is_refused(shards):
 @pytest.mark.parametrize("overrides, message", [
     (dict(global_batch_size=512), "--global_batch_size=512 is more than"),
     (dict(learning_rate="inf"), "--learning_rate must be a finite number"),
-    (dict(warmup_epochs=1000), "--warmup_epochs=1000 is 20000 steps"),
+    (dict(warmup_epochs=1000), "--warmup_epochs=1000 is 20000 steps (20 "
+     "per epoch), not fewer than the run's 40 steps (--train_steps=40)"),
 ])
 def test_reference_command_user_errors_are_one_line(idx_dir, overrides,
                                                     message):
@@ -371,8 +372,10 @@ def test_warmup_as_long_as_the_run_is_refused(idx_dir):
     values(["script", "--epochs=2"])
     assert values.warmup_epochs == 5.0  # the default
     with pytest.raises(run_state.FlagError, match=(
-            r"--warmup_epochs=5 is 585 steps \(117 per epoch\), not fewer "
-            r"than the run's 234 steps.*below 2")):
+            r"--warmup_epochs=5 \(the default\) is 585 steps \(117 per "
+            r"epoch\), not fewer than the run's 234 steps \(--epochs=2\): "
+            r"the whole run would be warmup. Lower --warmup_epochs to below "
+            "2")):
         resnet_train.optimizer_plan(values, 117, 234, False)
 
 

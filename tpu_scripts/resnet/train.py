@@ -460,9 +460,8 @@ def _synthetic_inputs(flags_, global_batch_size, eval_batch_size, log):
 
 
 def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
-    from tpu_scripts.resnet import data
-
     from tpu_scripts import run_state
+    from tpu_scripts.resnet import data
 
     (train_x, train_y), (test_x, test_y) = train, test
     for name, (x, _) in (("train_examples", train), ("eval_examples", test)):
@@ -575,7 +574,7 @@ def optimizer_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
         optimizer=flags_.optimizer,
         peak_learning_rate=learning_rate,
         warmup_steps=_warmup_steps(flags_.warmup_epochs, steps_per_epoch,
-                                   train_steps),
+                                   train_steps, flags_),
         total_steps=train_steps,
         decay=pick("decay"),
         decay_power=flags_.decay_power,
@@ -616,18 +615,25 @@ def optimizer_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
     )
 
 
-def _warmup_steps(warmup_epochs, steps_per_epoch, train_steps):
+def _warmup_steps(warmup_epochs, steps_per_epoch, train_steps, flags_=None):
     """The warmup's steps; `run_state.FlagError` when they are as many as
-    the run's (the run would be all warmup, its peak rate never used)."""
+    the run's (the run would be all warmup, its peak rate never used).
+    `flags_` (optional) names the flags that set the numbers."""
     from tpu_scripts import run_state
 
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     if warmup_steps and warmup_steps >= train_steps:
+        warmup, length = f"--warmup_epochs={warmup_epochs:g}", ""
+        if flags_ is not None:
+            if not _explicit(flags_, "warmup_epochs"):
+                warmup += " (the default)"
+            length = (f" (--train_steps={flags_.train_steps})"
+                      if flags_.train_steps else
+                      f" (--epochs={flags_.epochs:g})")
         raise run_state.FlagError(
-            f"--warmup_epochs={warmup_epochs:g} is {warmup_steps} steps "
-            f"({steps_per_epoch} per epoch), not fewer than the run's "
-            f"{train_steps} steps (--epochs / --train_steps): the whole run "
-            "would be warmup. Lower --warmup_epochs to below "
+            f"{warmup} is {warmup_steps} steps ({steps_per_epoch} per "
+            f"epoch), not fewer than the run's {train_steps} steps{length}: "
+            "the whole run would be warmup. Lower --warmup_epochs to below "
             f"{train_steps / steps_per_epoch:g}."
         )
     return warmup_steps
@@ -709,7 +715,7 @@ def _recipe_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
                                 else notes["peak_learning_rate"]),
             warmup_steps=(
                 _warmup_steps(flags_.warmup_epochs, steps_per_epoch,
-                              train_steps)
+                              train_steps, flags_)
                 if "warmup_epochs" in explicit else notes["warmup_steps"]),
             decay=flags_.decay or "polynomial",
             decay_power=(flags_.decay_power if "decay_power" in explicit
