@@ -301,6 +301,8 @@ class TFRecordInput(data.InputSpec):
             each for ImageNet).
         cycle_length: files read in parallel per input pipeline.
         files_flag, count_flag: names for error messages.
+        log: a `print`-like function for the note that the files are being
+            counted (`None`: no note).
     """
 
     def __init__(self, files, global_batch_size, training, image_size=224,
@@ -308,8 +310,6 @@ class TFRecordInput(data.InputSpec):
                  shuffle_buffer=10000, cycle_length=16,
                  files_flag="--train_files",
                  count_flag="--num_train_examples", log=None):
-        # (log: a `print`-like function for the note that files are being
-        # counted.)
         for name, value in (("image_size", image_size),
                             ("num_classes", num_classes)):
             if value < 1:

@@ -476,11 +476,6 @@ def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
         train_x, train_y = (a[: flags_.train_examples] for a in train)
     if flags_.eval_examples:
         test_x, test_y = (a[: flags_.eval_examples] for a in test)
-    for split, labels in (("training", train_y), ("evaluation", test_y)):
-        if len(labels) and labels.min() < 0:
-            raise run_state.DataError(
-                f"The {split} labels in --data_dir={flags_.data_dir} hold "
-                f"{int(labels.min())}; labels must be >= 0.")
     image_size = flags_.image_size or train_x.shape[1]
     common = dict(image_size=image_size, augmentation=flags_.augmentation,
                   seed=flags_.seed)
