@@ -458,3 +458,19 @@ def test_committed_sweep_commands_name_modules_that_exist():
             module = command.split()[2]
             assert command.split()[1] == "-m"
             assert importlib.util.find_spec(module) is not None, command
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    (resnet_sweep, ["--epochs=inf"], "--epochs must be a finite number"),
+    (resnet_sweep, ["--lr_multipliers=1,inf"],
+     "--lr_multipliers must be positive finite numbers"),
+    (bert_sweep, ["--text_file=t", "--epochs=inf"],
+     "--epochs must be a finite number"),
+    (bert_sweep, ["--text_file=t", "--lamb_grid=inf"],
+     "--lamb_grid must be positive numbers"),
+    (bert_sweep, ["--text_file=t", "--tuned_exponents=0,nan"],
+     "--tuned_exponents must be finite numbers"),
+])
+def test_sweeps_refuse_non_finite_flags(module, argv, message):
+    with pytest.raises(run_state.FlagError, match=message):
+        module.validate_flags(parse(module, argv))

@@ -575,9 +575,14 @@ def validate_flags(cfg):
 
     def positive(values, kind):
         try:
-            return bool(values) and all(kind(v) > 0 for v in values)
+            return bool(values) and all(
+                0 < kind(v) < math.inf for v in values)
         except ValueError:
             return False
+
+    for name in ("epochs", "heldout_fraction", "warmup_ratio",
+                 "weight_decay", "dropout"):
+        check(name, math.isfinite(getattr(cfg, name)), "a finite number")
 
     check("text_file", bool(cfg.text_file), "given")
     check("batch_sizes", positive(cfg.batch_sizes, int), "positive integers")
@@ -587,7 +592,8 @@ def validate_flags(cfg):
         exponents = [float(p) for p in cfg.tuned_exponents]
     except ValueError:
         exponents = []
-    check("tuned_exponents", bool(exponents), "numbers")
+    check("tuned_exponents", bool(exponents) and all(
+        math.isfinite(p) for p in exponents), "finite numbers")
     for name in ("base_batch_size", "train_examples", "heldout_examples",
                  "vocab_size", "max_predictions_per_seq", "dupe_factor",
                  "num_layers", "hidden_dim", "num_heads", "intermediate_dim",

@@ -519,17 +519,22 @@ def validate_flags(flags_):
                 f"{getattr(flags_, name)!r}.")
 
     def numbers(values, kind):
+        """`values` as `kind`, or `[]` if one is not a finite number."""
         try:
-            return [kind(v) for v in values]
+            parsed = [kind(v) for v in values]
         except ValueError:
             return []
+        return parsed if all(math.isfinite(v) for v in parsed) else []
+
+    for name in ("epochs", "warmup_fraction"):
+        check(name, math.isfinite(getattr(flags_, name)), "a finite number")
 
     check("batch_sizes", flags_.batch_sizes and all(
         b > 0 for b in numbers(flags_.batch_sizes, int))
         and numbers(flags_.batch_sizes, int), "positive integers")
     check("lr_multipliers", flags_.lr_multipliers and all(
         m > 0 for m in numbers(flags_.lr_multipliers, float))
-        and numbers(flags_.lr_multipliers, float), "positive numbers")
+        and numbers(flags_.lr_multipliers, float), "positive finite numbers")
     check("optimizers", flags_.optimizers and set(flags_.optimizers)
           <= set(SWEEP_OPTIMIZERS), f"some of {', '.join(SWEEP_OPTIMIZERS)}")
     check("epochs", flags_.epochs > 0, "positive")
