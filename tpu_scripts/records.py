@@ -171,10 +171,10 @@ def count_records(files, flag="", sizes=None):
 def checked_records(path, size, flag=""):
     """`(record index, serialised record)` of the file `path` (`size`
     bytes; tensors or Python values), which fails with an
-    `InvalidArgumentError` carrying the `DataError` message of `damage`
-    (`data_error` recovers it) once the file's records are read and their
-    frames do not add up to `size`: truncation or corruption anywhere in
-    it."""
+    `InvalidArgumentError` whose message (`MARKER`, then the file, record
+    and byte; `data_error` recovers it) says the file is damaged once its
+    records are read and their frames do not add up to `size`: truncation
+    or corruption anywhere in it. (Reading it costs nothing more.)"""
     records = tf.data.TFRecordDataset(
         path, buffer_size=READ_BUFFER_BYTES).ignore_errors(log_warning=False)
     end = tf.data.Dataset.from_tensors((tf.constant(""), tf.constant(True)))
