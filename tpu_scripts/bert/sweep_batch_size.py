@@ -7,8 +7,7 @@ it; and the control of Nado et al. (2021): does AdamW catch up when its rate
 is tuned at every batch size?
 
     python -m tpu_scripts.bert.sweep_batch_size \
-      --text_file=../shared/data/tinyshakespeare/input.txt \
-      --output_dir=results/bert_sweep
+      --text_file=../shared/data/tinyshakespeare/input.txt
 
 What it does (every number is a flag):
 
@@ -44,8 +43,11 @@ What it does (every number is a flag):
    methods get 3 trials at every other batch size too, the rules none.
 4. Writes `runs.csv` (every run), `results.md` / `results.csv` (test MLM
    accuracy per method and batch size), `mlm_accuracy_vs_batch.png`,
-   `config.json` and `command.txt` to `--output_dir`. Runs are appended to
-   `runs.jsonl` as they finish, so an interrupted sweep resumes.
+   `config.json` and, last, `command.txt` to `--output_dir` (empty: a fresh
+   `runs/bert_sweep-<UTC time>/`), once every run has finished. Runs are
+   appended to `runs.jsonl` as they finish, so an interrupted sweep resumes
+   (give its `--output_dir`). A folder under the repository's `results/`
+   (the committed results) is refused unless `--allow_results_dir`.
 """
 
 import csv
@@ -86,8 +88,14 @@ def define_flags(flag_values=None):
                         "separate documents).", **f)
     flags.DEFINE_string("work_dir", "/tmp/bert_sweep_data", "Cache of the "
                         "generated records (not committed).", **f)
-    flags.DEFINE_string("output_dir", "results/bert_sweep", "Where the "
-                        "tables, plot and logs go.", **f)
+    flags.DEFINE_string("output_dir", "", "Where the tables, plot and "
+                        "logs go (empty: a fresh runs/bert_sweep-<UTC "
+                        "time>; the same folder again resumes a sweep).",
+                        **f)
+    flags.DEFINE_boolean("allow_results_dir", False, "Allow an "
+                         "--output_dir under the repository's results/ (the "
+                         "committed results; only to regenerate them).",
+                         **f)
     flags.DEFINE_list("batch_sizes", ["32", "256", "1024", "4096"],
                       "Global batch sizes (sequences per update).", **f)
     flags.DEFINE_integer("base_batch_size", 32, "Batch size at which the "
@@ -567,9 +575,14 @@ def validate_flags(cfg):
 
     def positive(values, kind):
         try:
-            return bool(values) and all(kind(v) > 0 for v in values)
+            return bool(values) and all(
+                0 < kind(v) < math.inf for v in values)
         except ValueError:
             return False
+
+    for name in ("epochs", "heldout_fraction", "warmup_ratio",
+                 "weight_decay", "dropout"):
+        check(name, math.isfinite(getattr(cfg, name)), "a finite number")
 
     check("text_file", bool(cfg.text_file), "given")
     check("batch_sizes", positive(cfg.batch_sizes, int), "positive integers")
@@ -579,7 +592,8 @@ def validate_flags(cfg):
         exponents = [float(p) for p in cfg.tuned_exponents]
     except ValueError:
         exponents = []
-    check("tuned_exponents", bool(exponents), "numbers")
+    check("tuned_exponents", bool(exponents) and all(
+        math.isfinite(p) for p in exponents), "finite numbers")
     for name in ("base_batch_size", "train_examples", "heldout_examples",
                  "vocab_size", "max_predictions_per_seq", "dupe_factor",
                  "num_layers", "hidden_dim", "num_heads", "intermediate_dim",
@@ -599,8 +613,14 @@ def validate_flags(cfg):
 
 
 def run(cfg, argv=(), log=print):
+    from tpu_scripts.resnet.sweep_batch_size import sweep_output_dir
+
     start = time.time()
     validate_flags(cfg)
+    # Resolved once (a fresh folder by default); the outputs go there.
+    cfg.output_dir = sweep_output_dir(cfg.output_dir, "bert_sweep",
+                                      cfg.allow_results_dir)
+    log(f"Output: {cfg.output_dir}/")
     data, settings = prepare_data(cfg, log)
     data["vocabulary_size"] = settings["vocabulary_size"]
     log(f"Data: {json.dumps(settings)}")

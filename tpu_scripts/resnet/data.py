@@ -18,6 +18,7 @@ Every pipeline is TPU-ready and resumable:
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -53,23 +54,37 @@ def read_idx(path):
     dimensions `n`, then `n` big-endian uint32 sizes (so 16 header bytes for
     images, 8 for labels), then the data, big-endian.
     """
+    from tpu_scripts import run_state
+
     with tf.io.gfile.GFile(path, "rb") as f:  # local, gs://, ...
         data = f.read()
     if path.endswith(".gz"):
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # cut short or corrupt
+            raise run_state.DataError(
+                f"{path} is not a whole gzip file ({e}): truncated or "
+                "corrupt.") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number).")
+        raise run_state.DataError(
+            f"{path} is not an IDX file (bad magic number).")
     dtype, ndim = data[2], data[3]
     if dtype not in _IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX element type 0x{dtype:02x}.")
+        raise run_state.DataError(
+            f"{path}: unknown IDX element type 0x{dtype:02x}.")
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise run_state.DataError(
+            f"{path}: the file ends inside its header: truncated.")
     shape = struct.unpack(f">{ndim}I", data[4:header])
-    array = np.frombuffer(data, dtype=_IDX_DTYPES[dtype], offset=header)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(
-            f"{path}: header says shape {shape} but holds {array.size} "
-            "values."
+    itemsize = np.dtype(_IDX_DTYPES[dtype]).itemsize
+    if len(data) - header != int(np.prod(shape)) * itemsize:
+        raise run_state.DataError(
+            f"{path}: header says shape {shape} ({int(np.prod(shape))} "
+            f"values) but the file holds {(len(data) - header) // itemsize}"
+            ": truncated or corrupt."
         )
+    array = np.frombuffer(data, dtype=_IDX_DTYPES[dtype], offset=header)
     return array.reshape(shape)
 
 
@@ -131,7 +146,9 @@ def load_fashion_mnist(data_dir, split):
         )
     images, labels = (read_idx(p) for p in paths)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(
+        from tpu_scripts import run_state
+
+        raise run_state.DataError(
             f"Fashion-MNIST files in {data_dir!r} disagree: images "
             f"{images.shape}, labels {labels.shape}."
         )
@@ -258,14 +275,19 @@ def _pipeline_share(input_context, global_batch_size):
 class InputSpec:
     """The facts the trainer needs about a dataset split."""
 
-    def __init__(self, num_examples, global_batch_size, training):
+    def __init__(self, num_examples, global_batch_size, training,
+                 source="the training set"):
+        from tpu_scripts import run_state
+
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.training = training
         if training and num_examples < global_batch_size:
-            raise ValueError(
-                f"The training set has {num_examples} examples, fewer than "
-                f"one global batch of {global_batch_size}."
+            raise run_state.FlagError(
+                f"--global_batch_size={global_batch_size} is more than the "
+                f"{num_examples} examples of {source}: not one whole "
+                "training batch. Lower --global_batch_size (or use more "
+                "data)."
             )
 
     @property

@@ -26,9 +26,14 @@ is a re-read (without decoding) of the epoch's records before `start_step`.
 
 Bad records stop the input with an error naming the flag, the file and the
 record: a missing `image/encoded` or `image/class/label`, a label outside
-[1, num_classes], bytes that do not decode as a JPEG. A wrong evaluation
-count (`num_examples`) is an error too, raised when the evaluation reads past
-it or runs short.
+[1, num_classes], bytes that do not decode as a JPEG. So does a file that
+is truncated or corrupt (`tpu_scripts.records`: its records must add up to
+its size, with both checksums right), and a wrong count (`num_examples`),
+raised when the input reads past it or runs short: always for evaluation,
+and for training when one input pipeline reads all the files. The messages
+start with `records.MARKER`; `records.data_error` turns the TensorFlow
+error into a `run_state.DataError`. Files named as ImageNet's shards in the
+TPU layout must hold ImageNet's count (`known_count`).
 
 `SyntheticInput` yields example indices and random labels; the images are
 made from the indices on the accelerator (`synthetic_images`), so that no
@@ -38,42 +43,98 @@ image crosses from the host: the throughput mode of Model Garden and MLPerf.
 import numpy as np
 import tensorflow as tf
 
+from tpu_scripts import records, run_state
 from tpu_scripts.resnet import data
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 IMAGENET_EVAL_EXAMPLES = 50_000
 ENCODED_KEY = "image/encoded"
 LABEL_KEY = "image/class/label"
-READ_BUFFER_BYTES = 8 << 20  # per file, as MLPerf's reference reads
+READ_BUFFER_BYTES = records.READ_BUFFER_BYTES  # per file, as MLPerf's
 
 
 def expand_globs(patterns, flag="--train_files"):
     """Comma-separated globs (local paths, gs://, ...) -> sorted files.
 
-    Raises `ValueError` naming `flag` when nothing is given or a glob matches
-    no file.
+    Raises `run_state.FlagError` (a `ValueError`) naming `flag` when
+    nothing is given or a glob matches no file.
     """
     if isinstance(patterns, str):
         patterns = patterns.split(",")
     patterns = [p.strip() for p in patterns if p.strip()]
     if not patterns:
-        raise ValueError(f"{flag} is empty; give comma-separated globs.")
+        raise run_state.FlagError(
+            f"{flag} is empty; give comma-separated globs.")
     files = set()
     for pattern in patterns:
         matches = tf.io.gfile.glob(pattern)
         if not matches:
-            raise ValueError(f"{flag}: {pattern!r} matches no file.")
+            raise run_state.FlagError(
+                f"{flag}: {pattern!r} matches no file.")
+        folders = [m for m in matches if tf.io.gfile.isdir(m)]
+        if folders:
+            raise run_state.FlagError(
+                f"{flag}: {pattern!r} matches the folder {folders[0]}; give "
+                f"a glob of TFRecord files (e.g. {folders[0].rstrip('/')}"
+                "/train-*).")
         files.update(matches)
     return sorted(files)
 
 
-def count_records(files):
-    """Number of records in `files` (reads every file once)."""
-    ds = tf.data.TFRecordDataset(
-        files, buffer_size=READ_BUFFER_BYTES,
-        num_parallel_reads=min(16, len(files)),
-    )
-    return int(ds.reduce(np.int64(0), lambda count, _: count + 1))
+def count_records(files, flag="", sizes=None):
+    """Number of records in `files` (reads every file once and checks it
+    whole: `tpu_scripts.records.count_records`)."""
+    return records.count_records(files, flag, sizes)
+
+
+# The TPU / Model Garden conversion tools write ImageNet as 1024 training
+# shards `train-00000-of-01024` ... and 128 validation shards
+# `validation-00000-of-00128`: files named so are ImageNet, whose counts are
+# known.
+IMAGENET_SHARDS = {"train": (1024, IMAGENET_TRAIN_EXAMPLES),
+                   "validation": (128, IMAGENET_EVAL_EXAMPLES)}
+
+
+def known_count(files):
+    """ImageNet's record count when `files` are exactly its training (or
+    validation) shards in the TPU layout, all of them; else `None`."""
+    names = {f.replace("\\", "/").rsplit("/", 1)[-1] for f in files}
+    for prefix, (shards, examples) in IMAGENET_SHARDS.items():
+        layout = {f"{prefix}-{i:05d}-of-{shards:05d}" for i in range(shards)}
+        if names == layout and len(files) == shards:
+            return examples
+    return None
+
+
+def resolve_count(files, num_examples, files_flag, count_flag, log=None,
+                  sizes=None):
+    """The record count of `files`: `num_examples` when given, else counted
+    (every file read once and checked whole). Where the count is known
+    (ImageNet's shards, `known_count`) a given or counted count that
+    differs is an error."""
+    known = known_count(files)
+    if known is not None and num_examples and num_examples != known:
+        raise run_state.FlagError(
+            f"{count_flag}={num_examples}, but {files_flag} are ImageNet's "
+            f"{len(files)} shards in the TPU layout, which hold {known} "
+            f"records. Pass {count_flag}={known} (or 0 to count them)."
+        )
+    if num_examples:
+        return num_examples
+    if log:
+        log(f"Counting and checking the records of {files_flag} (pass "
+            f"{count_flag} to skip this"
+            + (f"; these are ImageNet's: {known})." if known else ")."))
+    count = count_records(files, files_flag, sizes)
+    if known is not None and count != known:
+        raise run_state.DataError(
+            f"{files_flag} are named as ImageNet's {len(files)} shards in "
+            f"the TPU layout, which hold {known} records, but they hold "
+            f"{count}: a shard holds too few or too many records."
+        )
+    if count == 0:
+        raise run_state.DataError(f"{files_flag} hold no records.")
+    return count
 
 
 # ----------------------------------------------------------------------------
@@ -204,7 +265,8 @@ def _or_failed(fn, args, failed_value):
 
 def _where(flag, file, record):
     return tf.strings.join([
-        flag, ": ", file, ", record ", tf.strings.as_string(record), ": ",
+        records.MARKER, flag, ": ", file, ", record ",
+        tf.strings.as_string(record), ": ",
     ])
 
 
@@ -230,38 +292,48 @@ class TFRecordInput(data.InputSpec):
             evaluation (`(images, labels, weights)`, weight 0 on padding).
         image_size: output height and width.
         num_classes: labels in the files must lie in [1, num_classes].
-        num_examples: records in `files`; 0 counts them (reads every file).
-            A wrong training count changes only the epoch length; a wrong
-            evaluation count is an error.
+        num_examples: records in `files`; 0 counts them (reads every file
+            and checks it whole). A wrong count is an error when the input
+            reads past it or runs short (training: unless the files are
+            sharded over several input pipelines).
         seed: seed of file order, shuffling and augmentation.
         shuffle_buffer: records in the shuffle buffer (serialised: ~110 KB
             each for ImageNet).
         cycle_length: files read in parallel per input pipeline.
         files_flag, count_flag: names for error messages.
+        log: a `print`-like function for the note that the files are being
+            counted (`None`: no note).
     """
 
     def __init__(self, files, global_batch_size, training, image_size=224,
                  num_classes=1000, num_examples=0, seed=0,
                  shuffle_buffer=10000, cycle_length=16,
                  files_flag="--train_files",
-                 count_flag="--num_train_examples"):
+                 count_flag="--num_train_examples", log=None):
         for name, value in (("image_size", image_size),
                             ("num_classes", num_classes)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1. Received: {value}.")
+                raise run_state.FlagError(
+                    f"{name} must be >= 1. Received: {value}.")
         if num_examples < 0:
-            raise ValueError(f"{count_flag} must be >= 0 (0: count the "
-                             f"records). Received: {num_examples}.")
+            raise run_state.FlagError(
+                f"{count_flag} must be >= 0 (0: count the records). "
+                f"Received: {num_examples}.")
         self.files = expand_globs(files, files_flag)
-        super().__init__(num_examples or count_records(self.files),
-                         global_batch_size, training)
+        self.files_flag = files_flag
+        self.count_flag = count_flag
+        # Each file's size: a file whose records do not add up to it is
+        # truncated or corrupt (`records.checked_records`).
+        self.sizes = records.file_sizes(self.files)
+        super().__init__(
+            resolve_count(self.files, num_examples, files_flag, count_flag,
+                          log, self.sizes),
+            global_batch_size, training, files_flag)
         self.image_size = image_size
         self.num_classes = num_classes
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.cycle_length = cycle_length
-        self.files_flag = files_flag
-        self.count_flag = count_flag
 
     def __call__(self, input_context=None, epoch=0, start_step=0):
         share = data._pipeline_share(input_context, self.global_batch_size)
@@ -271,14 +343,18 @@ class TFRecordInput(data.InputSpec):
 
     def _records(self, files):
         """`(file, record index, serialised example)`, files interleaved in
-        a fixed order, read in parallel."""
-        def read(file):
-            records = tf.data.TFRecordDataset(
-                file, buffer_size=READ_BUFFER_BYTES
-            ).enumerate()
-            return records.map(lambda index, record: (file, index, record))
+        a fixed order, read in parallel; a file that is truncated or
+        corrupt stops the input with an error naming it and the record
+        (`records.checked_records`)."""
+        flag = self.files_flag
 
-        return tf.data.Dataset.from_tensor_slices(files).interleave(
+        def read(file, size):
+            return records.checked_records(file, size, flag).map(
+                lambda index, record: (file, index, record))
+
+        files = list(files)
+        sizes = np.array([self.sizes[f] for f in files], np.int64)  # > 2 GB
+        return tf.data.Dataset.from_tensor_slices((files, sizes)).interleave(
             read, cycle_length=min(self.cycle_length, len(files)),
             block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
@@ -321,8 +397,14 @@ class TFRecordInput(data.InputSpec):
         if shard_files:
             files = files[pipeline_id::pipelines]
         ds = self._records(files)
-        if pipelines > 1 and not shard_files:
-            ds = ds.shard(pipelines, pipeline_id)
+        if not shard_files:
+            # This pipeline's share of the records is known: a count that
+            # differs from --num_train_examples stops the input.
+            if pipelines > 1:
+                ds = ds.shard(pipelines, pipeline_id)
+            ds = self._count_checked(
+                ds, len(range(pipeline_id, self.num_examples, pipelines)),
+                pipelines, pipeline_id)
         base = self.seed * 100003 + epoch
         # Shuffle, then repeat(): an epoch is a permutation of the pipeline's
         # records, and a pipeline whose files hold a few records fewer than
@@ -384,10 +466,10 @@ class TFRecordInput(data.InputSpec):
         ds = ds.take(share + 1).map(
             lambda *record: record + (tf.constant(False),)
         ).concatenate(end).enumerate()
-        short = (f"{self.files_flag}: input pipeline {pipeline_id} of "
+        short = (f"{records.MARKER}{self.files_flag}: input pipeline {pipeline_id} of "
                  f"{pipelines} expected {share} records "
                  f"({self.count_flag}={self.num_examples}) and found only ")
-        more = (f"{self.files_flag} hold more records than "
+        more = (f"{records.MARKER}{self.files_flag} hold more records than "
                 f"{self.count_flag}={self.num_examples} (input pipeline "
                 f"{pipeline_id} of {pipelines} found more than {share}). "
                 f"Give the right count, or 0 to count them.")

@@ -26,16 +26,19 @@ from the same initial weights on the same batches):
 - `nesterov`: the control of Nado et al. (2021): SGD Nesterov momentum 0.9,
   L2 1e-4 in the loss, LARS's schedule, rate centre 0.1 * sqrt(B / 256).
 
-    python tpu_scripts/resnet/sweep_batch_size.py \
-      --data_dir=/usr/share/datasets/fashion-mnist \
-      --output_dir=results/resnet_sweep
+    python -m tpu_scripts.resnet.sweep_batch_size \
+      --data_dir=/usr/share/datasets/fashion-mnist
 
-Writes `runs.csv` (every run, with the settings it ran with; a rerun skips
-the runs already there with the same settings), `table.csv`, `table.md` (with
-the settings of the runs it shows), `accuracy_vs_batch_size.png` and
-`command.txt`, each atomically through `tf.io.gfile` (`gs://` works). The
-committed results (`results/resnet_sweep/`) took 58 minutes of run time on two
-shared CPU cores.
+Writes, to a fresh `runs/resnet_sweep-<UTC time>/` unless `--output_dir`
+says otherwise, `runs.csv` (every run as it finishes, with the settings it
+ran with; a rerun with the same `--output_dir` skips the runs already there
+with the same settings), then, once every run has finished, `table.csv`,
+`table.md` (with the settings of the runs it shows),
+`accuracy_vs_batch_size.png` and `command.txt`, each atomically through
+`tf.io.gfile` (`gs://` works). A folder under the repository's `results/`
+(the committed results) is refused unless `--allow_results_dir`. The
+committed results (`results/resnet_sweep/`) took 58 minutes of run time on
+two shared CPU cores.
 """
 
 import csv
@@ -56,6 +59,11 @@ if __name__ == "__main__":  # a script needs TensorFlow (tf.distribute)
     os.environ["KERAS_BACKEND"] = "tensorflow"
 
 from absl import app, flags, logging  # noqa: E402
+
+# The repository's committed results: a sweep writes there only when asked
+# (`--allow_results_dir`).
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "results")
 
 SWEEP_OPTIMIZERS = ("lars", "lamb", "momentum", "nesterov")
 RUN_FIELDS = ("optimizer", "batch_size", "lr_multiplier", "peak_lr",
@@ -83,8 +91,13 @@ def define_flags(flag_values=flags.FLAGS):
         "four Fashion-MNIST IDX files (`apt-get install "
         "dataset-fashion-mnist` puts them in the default).", **f)
     flags.DEFINE_string(
-        "output_dir", "results/resnet_sweep", "Where the runs, table, plot "
-        "and command go.", **f)
+        "output_dir", "", "Where the runs, table, plot and command go "
+        "(empty: a fresh runs/resnet_sweep-<UTC time>; the same folder "
+        "again resumes a sweep).", **f)
+    flags.DEFINE_boolean(
+        "allow_results_dir", False, "Allow an --output_dir under the "
+        "repository's results/ (the committed results; only to regenerate "
+        "them).", **f)
     flags.DEFINE_list(
         "batch_sizes", ["128", "512", "2048", "8192"], "Global batch sizes.",
         **f)
@@ -418,6 +431,36 @@ def run_key(row):
 # ----------------------------------------------------------------------------
 
 
+def sweep_output_dir(output_dir, sweep, allow_results_dir=False):
+    """The folder a sweep writes to: `output_dir`, or, when empty, a fresh
+    `runs/<sweep>-<UTC time>` (`/runs/` is not committed). Raises
+    `run_state.FlagError` for a folder under the repository's `results/`
+    unless `allow_results_dir`."""
+    import tensorflow as tf
+
+    from tpu_scripts import run_state
+
+    if not output_dir:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        output_dir = os.path.join("runs", f"{sweep}-{stamp}")
+        suffix = 1
+        while tf.io.gfile.exists(output_dir):
+            suffix += 1
+            output_dir = os.path.join("runs", f"{sweep}-{stamp}-{suffix}")
+        return output_dir
+    if "://" not in output_dir and not allow_results_dir:
+        path = os.path.realpath(output_dir)
+        results = os.path.realpath(RESULTS_DIR)
+        if path == results or path.startswith(results + os.sep):
+            raise run_state.FlagError(
+                f"--output_dir={output_dir} is under the repository's "
+                f"results/ ({results}), the committed results: a sweep "
+                "would replace them. Leave --output_dir empty (a fresh "
+                "runs/ folder), or pass --allow_results_dir to regenerate "
+                "them.")
+    return output_dir
+
+
 def load_data(flags_):
     from tpu_scripts import run_state
     from tpu_scripts.resnet import data
@@ -476,17 +519,22 @@ def validate_flags(flags_):
                 f"{getattr(flags_, name)!r}.")
 
     def numbers(values, kind):
+        """`values` as `kind`, or `[]` if one is not a finite number."""
         try:
-            return [kind(v) for v in values]
+            parsed = [kind(v) for v in values]
         except ValueError:
             return []
+        return parsed if all(math.isfinite(v) for v in parsed) else []
+
+    for name in ("epochs", "warmup_fraction"):
+        check(name, math.isfinite(getattr(flags_, name)), "a finite number")
 
     check("batch_sizes", flags_.batch_sizes and all(
         b > 0 for b in numbers(flags_.batch_sizes, int))
         and numbers(flags_.batch_sizes, int), "positive integers")
     check("lr_multipliers", flags_.lr_multipliers and all(
         m > 0 for m in numbers(flags_.lr_multipliers, float))
-        and numbers(flags_.lr_multipliers, float), "positive numbers")
+        and numbers(flags_.lr_multipliers, float), "positive finite numbers")
     check("optimizers", flags_.optimizers and set(flags_.optimizers)
           <= set(SWEEP_OPTIMIZERS), f"some of {', '.join(SWEEP_OPTIMIZERS)}")
     check("epochs", flags_.epochs > 0, "positive")
@@ -509,11 +557,12 @@ def run_sweep(flags_, argv, train=None, log=print):
 
     train = train or train_one
     validate_flags(flags_)
-    out = flags_.output_dir
-    command = "python tpu_scripts/resnet/sweep_batch_size.py " + " ".join(
+    out = sweep_output_dir(flags_.output_dir, "resnet_sweep",
+                           flags_.allow_results_dir)
+    command = "python -m tpu_scripts.resnet.sweep_batch_size " + " ".join(
         shlex.quote(a) for a in argv
     )
-    run_state.write_text(os.path.join(out, "command.txt"), command + "\n")
+    log(f"Output: {out}/", flush=True)
     data = load_data(flags_)
     protocol = protocol_text(flags_, data)
     log("Protocol:", protocol, flush=True)
@@ -546,8 +595,10 @@ def run_sweep(flags_, argv, train=None, log=print):
     title = (f"Fashion-MNIST, small ResNet, {flags_.epochs:g} epochs, best "
              f"of {len(flags_.lr_multipliers)} learning rates per point")
     plot = write_plot(best, out, title)
+    # Last: a command.txt says that the sweep it names finished.
+    run_state.write_text(os.path.join(out, "command.txt"), command + "\n")
     log(table)
-    log(f"Wrote {out}/table.md, table.csv, runs.csv, {plot}.")
+    log(f"Wrote {out}/table.md, table.csv, runs.csv, command.txt, {plot}.")
     return table
 
 

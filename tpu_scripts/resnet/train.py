@@ -29,6 +29,7 @@ top-1, the steps, the wall time, images/s, when `--target_accuracy` was
 reached and every flag.
 """
 
+import math
 import os
 import sys
 import time
@@ -53,6 +54,12 @@ from tpu_scripts.optimizers import (  # noqa: E402
 )
 
 RECIPE_NAMES = ("none", "mlperf", "goyal", "lamb_paper")
+# The largest --image_size accepted: 8x ResNet-50's 224, past anything
+# trained at; a larger size would only exhaust the accelerator's memory.
+MAX_IMAGE_SIZE = 2048
+# The widest small_resnet stage accepted (ResNet-50's widest has 2048
+# channels); wider only exhausts memory.
+MAX_WIDTH = 4096
 
 # --recipe=none defaults, per optimizer: base rate at `base_batch_size` 256,
 # scaling rule, decay, weight decay. Every value can be overridden by a flag.
@@ -93,13 +100,16 @@ def _define_flags(f):
         "--train_files; empty: no evaluation).", **f)
     flags.DEFINE_integer(
         "num_train_examples", 0, "Records in --train_files (0: count them, "
-        "which reads every file once; ImageNet: 1281167). With "
+        "which reads every file once and checks it whole; ImageNet: "
+        "1281167, required of files named as its 1024 shards "
+        "train-*-of-01024). A wrong count stops the run with an error "
+        "(unless the files are sharded over several hosts). With "
         "--synthetic_data: examples per epoch (0: 1281167).", **f)
     flags.DEFINE_integer(
         "num_eval_examples", 0, "Records in --eval_files (0: count them; "
-        "ImageNet: 50000); a wrong count stops the evaluation with an "
-        "error. With --synthetic_data: evaluation examples (0: no "
-        "evaluation).", **f)
+        "ImageNet: 50000, required of validation-*-of-00128); a wrong count "
+        "stops the evaluation with an error. With --synthetic_data: "
+        "evaluation examples (0: no evaluation).", **f)
     flags.DEFINE_integer(
         "num_classes", 1000, "Classes of --train_files and "
         "--synthetic_data (the files' labels are 1..num_classes).", **f)
@@ -301,10 +311,7 @@ def build_inputs(flags_, global_batch_size, eval_batch_size, log=print):
             "--data_dir; offline: `apt-get install dataset-fashion-mnist`).")
     image_size = flags_.image_size or (
         224 if flags_.model in ("resnet50", "resnet50_v1") else None)
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=flags_.data_dir)
-    builder.download_and_prepare()
+    builder = _tfds_builder(name, flags_.data_dir)
     if image_size is None:
         image_size = builder.info.features["image"].shape[0]
     eval_split = flags_.eval_split or (
@@ -318,25 +325,86 @@ def build_inputs(flags_, global_batch_size, eval_batch_size, log=print):
                            shuffle_buffer=flags_.shuffle_buffer, **common)
     evaluation = data.TFDSInput(name, eval_split, eval_batch_size, False,
                                 **common)
+    check_eval_batch(flags_, evaluation)
     shape = (image_size, image_size, train.channels)
     return train, evaluation, shape, train.num_classes
 
 
+def _tfds_builder(name, data_dir):
+    """The prepared TFDS builder of `--dataset`; what TFDS cannot load (no
+    package, no such dataset, no network, a manual download missing) is a
+    `run_state.DataError` naming the flags."""
+    from tpu_scripts import run_state
+
+    try:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(name, data_dir=data_dir)
+        builder.download_and_prepare()
+    except Exception as e:  # TFDS raises many kinds
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise run_state.DataError(
+            f"--dataset={name} (--data_dir={data_dir}) could not be loaded "
+            f"from TFDS: {type(e).__name__}: {first}"
+        ) from None
+    return builder
+
+
+def check_eval_batch(flags_, evaluation):
+    """Raises `run_state.FlagError` when the evaluation batch is larger than
+    the evaluation set (a batch of padding)."""
+    from tpu_scripts import run_state
+
+    if evaluation is None:
+        return
+    if evaluation.global_batch_size > evaluation.num_examples:
+        name = ("eval_batch_size" if flags_.eval_batch_size
+                else "global_batch_size")
+        raise run_state.FlagError(
+            f"--{name}={evaluation.global_batch_size} (the evaluation "
+            f"batch) is larger than the evaluation set, which holds "
+            f"{evaluation.num_examples} examples. Lower --eval_batch_size."
+        )
+
+
 def check_data_flags(flags_):
-    """Raises `ValueError` naming the flag when the data flags disagree."""
+    """Raises `run_state.FlagError` naming the flag when the data flags
+    disagree or are out of range (reads no data)."""
+    from tpu_scripts import run_state
+
     if flags_.synthetic_data and (flags_.train_files or flags_.eval_files):
-        raise ValueError("--synthetic_data makes its own data; drop "
-                         "--train_files and --eval_files.")
+        raise run_state.FlagError(
+            "--synthetic_data makes its own data; drop --train_files and "
+            "--eval_files.")
     if flags_.eval_files and not flags_.train_files:
-        raise ValueError("--eval_files needs --train_files (TFDS data "
-                         "evaluates on --eval_split).")
+        raise run_state.FlagError(
+            "--eval_files needs --train_files (TFDS data evaluates on "
+            "--eval_split).")
     for name in ("num_train_examples", "num_eval_examples", "image_size"):
         if getattr(flags_, name) < 0:
-            raise ValueError(f"--{name} must be >= 0. Received: "
-                             f"{getattr(flags_, name)}.")
+            raise run_state.FlagError(
+                f"--{name} must be >= 0. Received: {getattr(flags_, name)}.")
+    if flags_.image_size > MAX_IMAGE_SIZE:
+        raise run_state.FlagError(
+            f"--image_size must be <= {MAX_IMAGE_SIZE} (0: the model's or "
+            f"the dataset's own). Received: {flags_.image_size}.")
     if flags_.num_classes < 1:
-        raise ValueError(f"--num_classes must be >= 1. Received: "
-                         f"{flags_.num_classes}.")
+        raise run_state.FlagError(
+            f"--num_classes must be >= 1. Received: {flags_.num_classes}.")
+    if flags_.train_files or flags_.eval_files:
+        from tpu_scripts.resnet.imagenet_tfrecords import expand_globs
+
+        expand_globs(flags_.train_files, "--train_files")
+        if flags_.eval_files:
+            expand_globs(flags_.eval_files, "--eval_files")
+    uses_data_dir = not (flags_.synthetic_data or flags_.train_files)
+    if uses_data_dir and flags_.data_dir:
+        import tensorflow as tf
+
+        if not tf.io.gfile.isdir(flags_.data_dir):
+            raise run_state.FlagError(
+                f"--data_dir={flags_.data_dir} is not a directory (or does "
+                "not exist); for a TFDS download, create it first.")
 
 
 def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
@@ -344,10 +412,7 @@ def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
 
     size = flags_.image_size or 224
     common = dict(image_size=size, num_classes=flags_.num_classes,
-                  seed=flags_.seed)
-    if not flags_.num_train_examples:
-        log("Counting the records of --train_files (pass "
-            "--num_train_examples to skip this; ImageNet: 1281167).")
+                  seed=flags_.seed, log=log)
     train = imagenet_tfrecords.TFRecordInput(
         flags_.train_files, global_batch_size, True,
         num_examples=flags_.num_train_examples,
@@ -361,6 +426,7 @@ def _tfrecord_inputs(flags_, global_batch_size, eval_batch_size, log):
             files_flag="--eval_files", count_flag="--num_eval_examples",
             **common,
         )
+    check_eval_batch(flags_, evaluation)
     log(f"Data: ImageNet TFRecords, {train.num_examples} training examples "
         f"in {len(train.files)} files"
         + (f", {evaluation.num_examples} evaluation examples in "
@@ -386,6 +452,7 @@ def _synthetic_inputs(flags_, global_batch_size, eval_batch_size, log):
         evaluation = imagenet_tfrecords.SyntheticInput(
             flags_.num_eval_examples, eval_batch_size, False, **common
         )
+    check_eval_batch(flags_, evaluation)
     log(f"Data: synthetic, made on the device: {size}x{size}x3 images, "
         f"{flags_.num_classes} classes, {train.num_examples} examples per "
         f"epoch, {flags_.num_eval_examples} evaluation examples.")
@@ -393,9 +460,18 @@ def _synthetic_inputs(flags_, global_batch_size, eval_batch_size, log):
 
 
 def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
+    from tpu_scripts import run_state
     from tpu_scripts.resnet import data
 
     (train_x, train_y), (test_x, test_y) = train, test
+    for name, (x, _) in (("train_examples", train), ("eval_examples", test)):
+        wanted = getattr(flags_, name)
+        if wanted > len(x):
+            raise run_state.DataError(
+                f"--{name}={wanted}, but the "
+                f"{'training' if name == 'train_examples' else 'evaluation'}"
+                f" set in --data_dir={flags_.data_dir} holds only {len(x)} "
+                f"examples. Lower --{name} (0: all).")
     if flags_.train_examples:
         train_x, train_y = (a[: flags_.train_examples] for a in train)
     if flags_.eval_examples:
@@ -407,6 +483,7 @@ def _array_inputs(flags_, train, test, global_batch_size, eval_batch_size):
                                   **common)
     eval_input = data.ArrayInput(test_x, test_y, eval_batch_size, False,
                                  **common)
+    check_eval_batch(flags_, eval_input)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     return (train_input, eval_input,
             (image_size, image_size, train_x.shape[-1]), num_classes)
@@ -492,7 +569,7 @@ def optimizer_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
         optimizer=flags_.optimizer,
         peak_learning_rate=learning_rate,
         warmup_steps=_warmup_steps(flags_.warmup_epochs, steps_per_epoch,
-                                   train_steps),
+                                   train_steps, flags_),
         total_steps=train_steps,
         decay=pick("decay"),
         decay_power=flags_.decay_power,
@@ -533,9 +610,28 @@ def optimizer_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
     )
 
 
-def _warmup_steps(warmup_epochs, steps_per_epoch, train_steps):
-    return min(int(round(warmup_epochs * steps_per_epoch)),
-               max(train_steps - 1, 0))
+def _warmup_steps(warmup_epochs, steps_per_epoch, train_steps, flags_=None):
+    """The warmup's steps; `run_state.FlagError` when they are as many as
+    the run's (the run would be all warmup, its peak rate never used).
+    `flags_` (optional) names the flags that set the numbers."""
+    from tpu_scripts import run_state
+
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    if warmup_steps and warmup_steps >= train_steps:
+        warmup, length = f"--warmup_epochs={warmup_epochs:g}", ""
+        if flags_ is not None:
+            if not _explicit(flags_, "warmup_epochs"):
+                warmup += " (the default)"
+            length = (f" (--train_steps={flags_.train_steps})"
+                      if flags_.train_steps else
+                      f" (--epochs={flags_.epochs:g})")
+        raise run_state.FlagError(
+            f"{warmup} is {warmup_steps} steps ({steps_per_epoch} per "
+            f"epoch), not fewer than the run's {train_steps} steps{length}: "
+            "the whole run would be warmup. Lower --warmup_epochs to below "
+            f"{train_steps / steps_per_epoch:g}."
+        )
+    return warmup_steps
 
 
 def _maybe_loss_scale(optimizer, mixed_precision, keras):
@@ -545,11 +641,13 @@ def _maybe_loss_scale(optimizer, mixed_precision, keras):
 
 
 def _recipe_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
+    from tpu_scripts import run_state
+
     # Imported here: the rest of the script works without the recipes.
     try:
         from keras_lamb import recipes
     except ImportError as e:
-        raise ValueError(
+        raise run_state.FlagError(
             f"--recipe={flags_.recipe} needs keras_lamb.recipes, which this "
             f"keras_lamb does not have ({e}). Use --recipe=none."
         ) from None
@@ -559,7 +657,7 @@ def _recipe_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
 
     recipe, name = flags_.recipe, flags_.optimizer
     if name not in RECIPE_OPTIMIZERS[recipe]:
-        raise ValueError(
+        raise run_state.FlagError(
             f"--recipe={recipe} is defined for --optimizer="
             f"{'|'.join(RECIPE_OPTIMIZERS[recipe])}, not --optimizer={name}."
         )
@@ -612,7 +710,7 @@ def _recipe_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
                                 else notes["peak_learning_rate"]),
             warmup_steps=(
                 _warmup_steps(flags_.warmup_epochs, steps_per_epoch,
-                              train_steps)
+                              train_steps, flags_)
                 if "warmup_epochs" in explicit else notes["warmup_steps"]),
             decay=flags_.decay or "polynomial",
             decay_power=(flags_.decay_power if "decay_power" in explicit
@@ -637,7 +735,7 @@ def _recipe_plan(flags_, steps_per_epoch, train_steps, track_trust_ratios):
             config = optimizer.get_config()
             unknown = sorted(set(overrides) - set(config))
             if unknown:
-                raise ValueError(
+                raise run_state.FlagError(
                     f"--{', --'.join(unknown)} do(es) not apply to "
                     f"--recipe={recipe}'s {type(optimizer).__name__}."
                 )
@@ -672,8 +770,9 @@ NOT_IDENTITY_FLAGS = (
 
 
 def validate_flags(flags_):
-    """Raises `run_state.FlagError` (a `ValueError`) naming the flag for any value out of range (before
-    any data or model is built)."""
+    """Raises `run_state.FlagError` (a `ValueError`) naming the flag for
+    any value out of range, non-finite or in conflict: everything that can
+    be checked before any data is read or model built."""
     from tpu_scripts import run_state
 
     def check(name, ok, requirement):
@@ -681,6 +780,9 @@ def validate_flags(flags_):
             raise run_state.FlagError(f"--{name} must be {requirement}. Received: "
                              f"{getattr(flags_, name)!r}.")
 
+    for name, value in flag_values_dict(flags_).items():
+        check(name, not isinstance(value, float) or math.isfinite(value),
+              "a finite number")
     check("global_batch_size", flags_.global_batch_size > 0, "positive")
     for name in ("eval_batch_size", "train_steps", "epochs_between_evals",
                  "checkpoint_every", "checkpoint_every_minutes",
@@ -694,8 +796,9 @@ def validate_flags(flags_):
                  "small_resnet_blocks", "stem_stride"):
         check(name, getattr(flags_, name) >= 1, ">= 1")
     check("small_resnet_widths", all(
-        str(w).isdigit() and int(w) > 0 for w in flags_.small_resnet_widths),
-        "a list of positive integers")
+        str(w).isdigit() and 0 < int(w) <= MAX_WIDTH
+        for w in flags_.small_resnet_widths),
+        f"a list of integers in [1, {MAX_WIDTH}]")
     for name in ("learning_rate", "base_learning_rate", "weight_decay",
                  "epsilon"):
         value = getattr(flags_, name)
@@ -706,6 +809,17 @@ def validate_flags(flags_):
           or flags_.optimizer == "lars", "false unless --optimizer=lars "
           f"(LARC clipping; --optimizer={flags_.optimizer} has no such "
           "option)")
+    check_data_flags(flags_)
+    if flags_.recipe != "none" and (
+            flags_.optimizer not in RECIPE_OPTIMIZERS[flags_.recipe]):
+        raise run_state.FlagError(
+            f"--recipe={flags_.recipe} is defined for --optimizer="
+            f"{'|'.join(RECIPE_OPTIMIZERS[flags_.recipe])}, not "
+            f"--optimizer={flags_.optimizer}.")
+    # Whether there will be an evaluation set is known from the flags.
+    no_eval = ((flags_.synthetic_data and not flags_.num_eval_examples)
+               or (flags_.train_files and not flags_.eval_files))
+    check_target_flags(flags_, None if no_eval else True)
 
 
 def run_identity(flags_):
@@ -755,18 +869,22 @@ class EvaluationLog:
 
 
 def check_target_flags(flags_, eval_input):
+    """Raises `run_state.FlagError` for a target the run cannot reach
+    (`eval_input`: the evaluation input, `None` when there is none)."""
+    from tpu_scripts import run_state
+
     if not 0.0 <= flags_.target_accuracy <= 1.0:
-        raise ValueError(
+        raise run_state.FlagError(
             "--target_accuracy must be in [0, 1] (0: no target). Received: "
             f"{flags_.target_accuracy}."
         )
     if flags_.target_accuracy and eval_input is None:
-        raise ValueError(
+        raise run_state.FlagError(
             "--target_accuracy needs an evaluation set: --eval_files (or "
             "--num_eval_examples with --synthetic_data)."
         )
     if flags_.epochs_between_evals < 0:
-        raise ValueError(
+        raise run_state.FlagError(
             "--epochs_between_evals must be >= 0. Received: "
             f"{flags_.epochs_between_evals}."
         )
@@ -911,9 +1029,10 @@ def _summary(results):
 
 
 def main(argv):
-    from tpu_scripts import run_state
+    from tpu_scripts import records, run_state
 
-    run_state.run_script(run, argv)
+    # A damaged record met while training ends as one `Error:` line too.
+    run_state.run_script(records.data_errors_raised(run), argv)
 
 
 if __name__ == "__main__":
