@@ -41,7 +41,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from keras_lamb.layerwise import STAT_NAMES
-from tpu_scripts import distribute, run_state
+from tpu_scripts import distribute, records, run_state
 
 # TensorBoard's scalar format, written with TensorFlow's own summary op so
 # that training does not need the `tensorboard` package (only viewing does).
@@ -632,6 +632,13 @@ class Trainer:
             if record is not None:
                 record.diverged(e.step, e.detail)
             raise
+        except tf.errors.OpError as e:
+            # A damaged file met by the input pipeline's own checks
+            # (`tpu_scripts.records`): one `Error:` line naming it.
+            error = records.data_error(e)
+            if error is None:
+                raise
+            raise error from None
 
     def _train(self, train_input, train_steps, eval_input, eval_every_steps,
                checkpoint_every_steps, checkpoint_every_seconds,
