@@ -39,3 +39,16 @@ class Report:
         if self._markdown:
             with open(self._markdown, "w") as f:
                 f.write(table)
+
+
+def cpu_name():
+    """The CPU's model name (`/proc/cpuinfo` on Linux), else what
+    `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

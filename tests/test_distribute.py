@@ -23,8 +23,11 @@ CHECK = os.path.join(HERE, "distributed_check.py")
 TIMEOUT = 600
 
 # One device and 2 replicas sum the same float32 gradients in a different
-# order; measured differences are <= 4e-7 after 8 steps.
-EQUAL = 1e-6
+# order; measured differences after 8 steps: <= 1.2e-7 for the dense cases,
+# 1.07e-6 for LAMB on an Embedding with loss scaling (AMD EPYC, TF 2.21,
+# 2026-12-06: Adam's m / sqrt(v) of the rarely-seen rows amplifies the
+# last bit of their summed gradients). The control is 1e4 times further.
+EQUAL = 3e-6
 # Per-replica clipping (Keras's own order) moved the weights 1e-2 to 1e-1
 # away from one device in the same runs.
 DIFFERENT = 1e-3

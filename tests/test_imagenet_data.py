@@ -303,8 +303,8 @@ for argv in json.loads(sys.argv[1]):
     values(["resnet_train"] + argv)
     try:
         report["results"].append(resnet_train.run(values))
-    except tf.errors.InvalidArgumentError as e:
-        report["error"] = e.message
+    except (tf.errors.InvalidArgumentError, ValueError) as e:  # DataError
+        report["error"] = getattr(e, "message", str(e))
     if not report["ram"] and tf.io.gfile.exists("ram://bucket/run"):
         report["ram"] = sorted(tf.io.gfile.glob("ram://bucket/run/*"))
         with tf.io.gfile.GFile("ram://bucket/run/results.json") as f:

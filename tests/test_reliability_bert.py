@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -299,7 +300,7 @@ def test_overwrite_on_a_remote_filesystem(records, old_and_new, monkeypatch):
     run_state.write_text(stale[0] + "/pretrain-00000-of-00001.tfrecord", "x")
     run_state.write_text(stale[1], "data-20260101T000000-dead00\n")
     run_state.write_text(stale[2], json.dumps(
-        dict(host=bert_data.socket.gethostname(), pid=dead_pid())))
+        dict(host=socket.gethostname(), pid=dead_pid())))
     assert dataset_seen(out) == old_and_new["new"]
     bert_data.create_pretraining_data(CORPUS, out, overwrite=True, **OLD,
                                       **write)
@@ -328,11 +329,11 @@ def test_second_writer_and_a_file_as_output_dir_are_refused(records,
                                "import time; time.sleep(60)"])
     try:
         with open(os.path.join(out, "LOCK"), "w") as f:
-            json.dump(dict(host=bert_data.socket.gethostname(),
+            json.dump(dict(host=socket.gethostname(),
                            pid=holder.pid), f)
         with pytest.raises(run_state.FlagError, match=(
-                f"--output_dir={out} is being written by another "
-                f"create_pretraining_data \\(pid {holder.pid}")):
+                f"--output_dir={out} is in use by another run \\(host "
+                f"'.*', PID {holder.pid}, ")):
             bert_data.create_pretraining_data(
                 CORPUS, out, vocab_file=records["vocab"], **OLD, **QUIET)
     finally:

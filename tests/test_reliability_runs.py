@@ -29,7 +29,8 @@ from absl import flags  # noqa: E402
 
 from conftest import background  # noqa: E402
 from test_tpu_distributed import (  # noqa: E402
-    SCRIPT, checkpoint_values, small_run_flags, start, write_data)
+    SCRIPT, checkpoint_values, read_until, small_run_flags, start,
+    write_data)
 from tpu_scripts import run_state  # noqa: E402
 from tpu_scripts.resnet import train as resnet_train  # noqa: E402
 
@@ -351,19 +352,6 @@ def script_flags(data_dir, model_dir, **overrides):
 def communicate(process, timeout=240):
     out, _ = process.communicate(timeout=timeout)
     return process.returncode, out
-
-
-def read_until(process, text, timeout=240):
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return "".join(lines)
-    process.kill()
-    raise AssertionError(f"never printed {text!r}:\n" + "".join(lines)[-3000:])
 
 
 def process_runs():

@@ -19,7 +19,7 @@ import keras  # noqa: E402
 from absl import flags  # noqa: E402
 
 from test_tpu_distributed import (  # noqa: E402
-    checkpoint_values, finish, small_run_flags, start)
+    checkpoint_values, finish, read_until, small_run_flags, start)
 from conftest import free_ports  # noqa: E402
 from tpu_scripts import run_state  # noqa: E402
 from tpu_scripts.bert import data as bert_data  # noqa: E402
@@ -217,20 +217,6 @@ def test_time_based_checkpoints_every_loop(idx_dir, tmp_path):
     finally:
         run_state.RunRecord.checkpointed = record_checkpointed
     assert saves[:2] == [1, 2] and saves[-1] == 3
-
-
-def read_until(process, text, timeout=240):
-    """Lines of `process`'s output up to the first containing `text`."""
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    process.kill()
-    pytest.fail(f"never printed {text!r}:\n" + "".join(lines)[-3000:])
 
 
 def test_sigterm_mid_epoch_then_restart_continues_bit_identically(

@@ -100,6 +100,20 @@ def finish(processes, timeout=TIMEOUT):
     return outputs
 
 
+def read_until(process, text, timeout=240):
+    """Lines of `process`'s output up to the first containing `text`."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    process.kill()
+    pytest.fail(f"never printed {text!r}:\n" + "".join(lines)[-3000:])
+
+
 def checkpoint_values(model_dir):
     """Every variable of the latest checkpoint in `model_dir`."""
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))

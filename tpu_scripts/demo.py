@@ -457,6 +457,12 @@ def save_figure(figure, path):
 
 def run(flags_, log=print):
     """The whole demo; returns the list of results."""
+    return run_with_grid(flags_, log)[0]
+
+
+def run_with_grid(flags_, log=print):
+    """The whole demo; returns `(results, tried)`: the kept runs, and
+    `{optimizer: [the full-batch run of each rate multiplier]}`."""
     for name in flags_.optimizers:
         if name not in DEMO_OPTIMIZERS:
             raise app.UsageError(
@@ -513,7 +519,7 @@ def run(flags_, log=print):
             results, tried, flags_.small_batch_size, full, title,
             chance=100 / (int(train[1].max()) + 1))
         log(f"Plot: {save_figure(figure, flags_.plot)}")
-    return results
+    return results, tried
 
 
 def _deterministic_ops():
