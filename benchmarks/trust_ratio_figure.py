@@ -114,16 +114,23 @@ def kernel_ratios(monitor, steps=(1, 90, 180, 360)):
 
 
 def spread_table(seeds):
-    rows = {}
+    rows, orders = {}, []
     for seed in seeds:
         monitor, accuracy = train(
             FLAGS.epochs, FLAGS.batch_size, FLAGS.peak_learning_rate,
             FLAGS.warmup_epochs, FLAGS.every_n_steps, seed)
         rows.setdefault("test accuracy", []).append(accuracy)
-        for step, ratios in kernel_ratios(monitor).items():
+        by_step = kernel_ratios(monitor)
+        for step, ratios in by_step.items():
             for layer in ("conv1", "fc6"):
                 rows.setdefault(f"{layer} kernel, step {step}", []).append(
                     ratios[layer])
+            rows.setdefault(f"conv1 / fc6, step {step}", []).append(
+                ratios["conv1"] / ratios["fc6"])
+        last = by_step[max(by_step)]
+        order = sorted(last, key=last.get)
+        orders.append(f"seed {seed} at step {max(by_step)}, smallest to "
+                      f"largest: {', '.join(order)}")
         print(f"seed {seed}: test accuracy {accuracy:.4f}", flush=True)
     lines = [f"min / median / max over seeds {', '.join(map(str, seeds))}:",
              "", "| statistic | min | median | max |", "|---|---:|---:|---:|"]
@@ -131,7 +138,7 @@ def spread_table(seeds):
         v = np.asarray(values)
         lines.append(f"| {name} | {v.min():.3g} | {np.median(v):.3g} | "
                      f"{v.max():.3g} |")
-    print("\n".join(lines))
+    print("\n".join(lines + [""] + orders))
 
 
 def main(_):

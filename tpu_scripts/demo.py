@@ -1,5 +1,5 @@
 r"""LARS and LAMB vs momentum and Adam, at a small batch and with every
-training example in one batch: two minutes, offline.
+training example in one batch: 38 s on a 2-vCPU AMD EPYC, offline.
 
     python -m tpu_scripts.demo
 

@@ -22,7 +22,7 @@ instead of `fit` for some and a loop for others:
 - metrics, `tf.train.CheckpointManager` checkpoints (model, optimizer, step)
   with resume at the exact batch, TensorBoard summaries (loss, metrics,
   learning rate, and the keras_lamb per-variable trust-ratio statistics),
-  progress lines with images/s.
+  progress lines with examples/s in the task's unit (images, sequences).
 
 What is model-specific lives in a `Task` (build the model and metrics,
 compute per-example losses, update metrics), so the BERT scripts reuse the
@@ -174,11 +174,15 @@ class Trainer:
         gradient_accumulation_steps: micro-batches per step on each replica
             (>= 1); the per-replica batch must be a multiple of it. Leave the
             optimizer's own `gradient_accumulation_steps` unset.
+        unit: what one example is, for progress lines and TensorBoard
+            (`"images"`: `images/s` and `images_per_second`; BERT passes
+            `"sequences"`).
     """
 
     def __init__(self, strategy, task, optimizer_fn, global_batch_size,
                  model_dir=None, steps_per_loop=100, jit_compile=False,
-                 max_checkpoints=3, log=print, gradient_accumulation_steps=1):
+                 max_checkpoints=3, log=print, gradient_accumulation_steps=1,
+                 unit="images"):
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(
                 "The trainer drives tf.distribute and needs Keras's "
@@ -206,6 +210,7 @@ class Trainer:
                 f"gradient_accumulation_steps={k!r}."
             )
         self.gradient_accumulation_steps = k
+        self.unit = unit
         self.model_dir = model_dir
         self.steps_per_loop = steps_per_loop
         self.jit_compile = jit_compile
@@ -754,7 +759,7 @@ class Trainer:
         self._log(
             f"step {stop}/{train_steps} epoch {stop / steps_per_epoch:.2f} "
             + " ".join(f"{k} {v:.4f}" for k, v in train_results.items())
-            + f" lr {learning_rate:.4g} {images_per_second:.0f} images/s",
+            + f" lr {learning_rate:.4g} {images_per_second:.0f} {self.unit}/s",
             flush=True,
         )
         loss = train_results.get("loss")
@@ -772,7 +777,7 @@ class Trainer:
             for name, value in train_results.items():
                 write_scalar(name, value, stop)
             write_scalar("learning_rate", learning_rate, stop)
-            write_scalar("images_per_second", images_per_second, stop)
+            write_scalar(f"{self.unit}_per_second", images_per_second, stop)
             self._write_trust_ratios(stop)
 
     def _all_agree(self, flag):

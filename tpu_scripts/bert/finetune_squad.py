@@ -274,6 +274,7 @@ def run(flags_, log=print):
         flags_.global_batch_size, model_dir=flags_.model_dir,
         steps_per_loop=flags_.steps_per_loop,
         jit_compile=flags_.jit_compile, log=log,
+        unit="sequences",
     )
     bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
                                          flags_.model_dir, log)

@@ -690,6 +690,7 @@ def train(flags_, strategy=None, log=print):
         steps_per_loop=flags_.steps_per_loop,
         jit_compile=flags_.jit_compile, log=log,
         gradient_accumulation_steps=k,
+        unit="sequences",
     )
     bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
                                          flags_.model_dir, log)

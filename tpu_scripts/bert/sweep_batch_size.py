@@ -282,6 +282,7 @@ def train_once(cfg, data, optimizer, learning_rate, batch_size, log=print):
         lambda: bert_pretrain.make_training_optimizer(plan),
         batch_size, steps_per_loop=max(1, cfg.steps_per_loop // k),
         log=lambda *a, **kw: None, gradient_accumulation_steps=k,
+        unit="sequences",
     )
     start = time.time()
     outcome = loop.train(
