@@ -559,3 +559,25 @@ def test_a_full_disk_is_one_error_line_and_the_run_resumes():
     assert rc == 0, text[-3000:]
     assert f"at step {out['saved']}" in text
     assert out["results"]["complete"] and out["results"]["steps"] == 120
+
+
+def test_a_failing_tensorboard_write_turns_summaries_off_not_the_run():
+    # A full disk while TensorBoard flushes used to crash the run.
+    from tpu_scripts.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only the summary switch is used
+    lines, calls = [], []
+    trainer._summaries_off, trainer.model_dir = False, "gs://bucket/run"
+    trainer._log = lambda *a, **k: lines.append(a[0])
+
+    def full_disk():
+        calls.append(1)
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "gs://bucket/run/train/events: No space left on device")
+
+    trainer._summaries(full_disk)
+    trainer._summaries(full_disk)  # off: not tried again
+    assert calls == [1] and len(lines) == 1
+    assert "TensorBoard summaries stopped" in lines[0]
+    assert "No space left on device" in lines[0] and "Training goes on" in (
+        lines[0])
