@@ -26,6 +26,7 @@ class LAMB(LayerwiseAdaptiveOptimizer):
     v_hat = v / (1 - beta_2**t)            # if bias_correction
     u = m_hat / (sqrt(v_hat) + epsilon) + weight_decay * w
     r = phi(||w||) / ||u||                 # 1 when ||w|| or ||u|| is 0
+    r = min(r, 1)                          # if clip_trust_ratio (LAMBC)
     w = w - learning_rate * r * u
     ```
 
@@ -64,6 +65,9 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         trust_ratio_bounds: `None` or `(lower, upper)` with `0 <= lower <=
             upper` (either may be `None` for no bound): the clip `phi` applied
             to `||w||` in the numerator of the ratio.
+        clip_trust_ratio: bool; if `True`, `r = min(r, 1)` after the zero-norm
+            fallback: LAMBC (Fong et al., arXiv:2011.13584), timm's
+            `trust_clip=True`. Defaults to `False` (the paper's Alg. 2).
         track_trust_ratios: bool; if `True`, the optimizer keeps the last
             step's per-variable norms and ratio (`trust_ratio_stats()`), at the
             cost of four float32 scalars per variable. Defaults to `False`.
@@ -117,6 +121,7 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         exclude_from_layer_adaptation=None,
         bias_correction=True,
         trust_ratio_bounds=None,
+        clip_trust_ratio=False,
         track_trust_ratios=False,
         warn_unmatched_exclusions=True,
         name="lamb",
@@ -127,6 +132,7 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         epsilon = check_number("epsilon", epsilon, low=0)
         bias_correction = check_bool("bias_correction", bias_correction)
         trust_ratio_bounds = _check_bounds(trust_ratio_bounds)
+        clip_trust_ratio = check_bool("clip_trust_ratio", clip_trust_ratio)
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
@@ -142,6 +148,7 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         self.epsilon = epsilon
         self.bias_correction = bias_correction
         self.trust_ratio_bounds = trust_ratio_bounds
+        self.clip_trust_ratio = clip_trust_ratio
 
     def build(self, var_list):
         if self.built:
@@ -215,7 +222,8 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         return e
 
     def _trust_ratio(self, w_norm, u_norm):
-        """phi(||w||) / ||u||, 1 when ||w|| or ||u|| is 0."""
+        """phi(||w||) / ||u||, 1 when ||w|| or ||u|| is 0; at most 1 with
+        `clip_trust_ratio` (LAMBC)."""
         phi = w_norm
         if self.trust_ratio_bounds is not None:
             lower, upper = self.trust_ratio_bounds
@@ -224,7 +232,12 @@ class LAMB(LayerwiseAdaptiveOptimizer):
                 0.0 if lower is None else lower,
                 float("inf") if upper is None else upper,
             )
-        return safe_trust_ratio(phi, u_norm, norms=(w_norm, u_norm))
+        ratio = safe_trust_ratio(phi, u_norm, norms=(w_norm, u_norm))
+        if self.clip_trust_ratio:
+            # A tensor bound, not the Python 1.0: torch's `minimum` would
+            # compute a float64 ratio in float32 against a Python float.
+            ratio = ops.minimum(ratio, ops.ones_like(ratio))
+        return ratio
 
     def _reference_update_step(self, gradient, variable, learning_rate):
         """One variable's step, the paper's equations line by line.
@@ -279,6 +292,7 @@ class LAMB(LayerwiseAdaptiveOptimizer):
                 "beta_2": self.beta_2,
                 "epsilon": self.epsilon,
                 "bias_correction": self.bias_correction,
+                "clip_trust_ratio": self.clip_trust_ratio,
                 "trust_ratio_bounds": (
                     None
                     if self.trust_ratio_bounds is None

@@ -17,7 +17,7 @@ def _ratio(numerator, denominator, w_norm, other_norm):
 class NumpyLAMB:
     def __init__(self, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-6,
                  weight_decay=0.0, decay_mask=None, adapt_mask=None,
-                 bias_correction=True, bounds=None):
+                 bias_correction=True, bounds=None, clip=False):
         self.__dict__.update(locals())
         self.t = 0
         self.m = self.v = None
@@ -46,6 +46,8 @@ class NumpyLAMB:
                 if self.bounds is not None:
                     phi = np.clip(w_norm, self.bounds[0], self.bounds[1])
                 r = _ratio(phi, u_norm, w_norm, u_norm)
+                if self.clip:  # LAMBC
+                    r = min(r, 1.0)
             out.append(w - self.lr * r * u)
         return out
 

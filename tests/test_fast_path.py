@@ -92,6 +92,7 @@ LAMB_CONFIGS = {
         "trust_ratio_bounds": (0.05, 2.0), "epsilon": 1e-3,
         "bias_correction": False,
     },
+    "lambc": {"clip_trust_ratio": True},
 }
 LARS_CONFIGS = {
     "mlperf": {},

@@ -25,6 +25,7 @@ def lamb_pair(**kwargs):
         weight_decay=kwargs.get("weight_decay", WD),
         bias_correction=kwargs.get("bias_correction", True),
         bounds=kwargs.get("trust_ratio_bounds"),
+        clip=kwargs.get("clip_trust_ratio", False),
         decay_mask=mask("layer_norm"),
         adapt_mask=mask("bias"),
     )
@@ -45,12 +46,44 @@ def lamb_pair(**kwargs):
         {"bias_correction": False},
         {"trust_ratio_bounds": (0.05, 2.0)},
         {"beta_1": 0.5, "beta_2": 0.9, "epsilon": 1e-3},
+        {"clip_trust_ratio": True},
     ],
-    ids=["paper", "no_bias_correction", "bounds", "other_betas"],
+    ids=["paper", "no_bias_correction", "bounds", "other_betas", "lambc"],
 )
 def test_lamb_matches_reference(kwargs):
     opt, ref = lamb_pair(**kwargs)
     run_lockstep(opt, ref)
+
+
+def test_lambc_clip_changes_the_step():
+    # Negative control: some ratios of the test variables exceed 1, so the
+    # clipped optimizer fails the unclipped reference (and the reverse).
+    opt, _ = lamb_pair(clip_trust_ratio=True)
+    _, unclipped = lamb_pair()
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        run_lockstep(opt, unclipped)
+    opt, _ = lamb_pair()
+    _, clipped = lamb_pair(clip_trust_ratio=True)
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        run_lockstep(opt, clipped)
+
+
+def timm_lamb_trust_ratio(w_norm, g_norm, trust_clip):
+    """timm's `_lamb_trust_ratio` (timm/optim/lamb.py), rewritten in NumPy:
+    the ratio, 1 where either norm is 0, then clamped to at most 1."""
+    ratio = w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+    return min(ratio, 1.0) if trust_clip else ratio
+
+
+def test_clip_trust_ratio_is_timms_trust_clip():
+    opt = keras_lamb.LAMB(clip_trust_ratio=True)
+    for w_norm, u_norm in [(3.0, 1.0), (0.5, 2.0), (0.0, 1.0), (2.0, 0.0),
+                           (1.0, 1.0)]:
+        ours = float(keras.ops.convert_to_numpy(opt._trust_ratio(
+            keras.ops.convert_to_tensor(w_norm, "float32"),
+            keras.ops.convert_to_tensor(u_norm, "float32"))))
+        assert ours == pytest.approx(
+            timm_lamb_trust_ratio(w_norm, u_norm, True)), (w_norm, u_norm)
 
 
 def test_lamb_zero_variable_falls_back_to_ratio_one():
