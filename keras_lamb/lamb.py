@@ -6,6 +6,7 @@ from keras import ops
 from keras_lamb.layerwise import LayerwiseAdaptiveOptimizer, dense_cast
 from keras_lamb.trust_ratio import (
     check_bool,
+    clamp,
     check_number,
     compute_dtype,
     l2_norm,
@@ -174,8 +175,12 @@ class LAMB(LayerwiseAdaptiveOptimizer):
                    "c1": 1.0, "epsilon": self.epsilon}
         if self.bias_correction:
             t = ops.cast(self.iterations + 1, dtype)
-            sqrt_bc2 = ops.sqrt(1 - ops.power(self.beta_2, t))
-            scalars["c1"] = sqrt_bc2 / (1 - ops.power(self.beta_1, t))
+            # The betas as tensors of `dtype`: torch's `power` would round
+            # a Python float base to float32 (6.7e-6 off after one float64
+            # step).
+            sqrt_bc2 = ops.sqrt(1 - ops.power(ops.convert_to_tensor(self.beta_2, dtype), t))
+            scalars["c1"] = sqrt_bc2 / (
+                1 - ops.power(ops.convert_to_tensor(self.beta_1, dtype), t))
             scalars["epsilon"] = self.epsilon * sqrt_bc2
         return scalars
 
@@ -226,17 +231,10 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         `clip_trust_ratio` (LAMBC)."""
         phi = w_norm
         if self.trust_ratio_bounds is not None:
-            lower, upper = self.trust_ratio_bounds
-            phi = ops.clip(
-                w_norm,
-                0.0 if lower is None else lower,
-                float("inf") if upper is None else upper,
-            )
+            phi = clamp(w_norm, *self.trust_ratio_bounds)
         ratio = safe_trust_ratio(phi, u_norm, norms=(w_norm, u_norm))
         if self.clip_trust_ratio:
-            # A tensor bound, not the Python 1.0: torch's `minimum` would
-            # compute a float64 ratio in float32 against a Python float.
-            ratio = ops.minimum(ratio, ops.ones_like(ratio))
+            ratio = clamp(ratio, upper=1.0)
         return ratio
 
     def _reference_update_step(self, gradient, variable, learning_rate):
@@ -258,8 +256,8 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         m_hat, v_hat = m, v
         if self.bias_correction:
             t = ops.cast(self.iterations + 1, dtype)
-            m_hat = m / (1 - ops.power(self.beta_1, t))
-            v_hat = v / (1 - ops.power(self.beta_2, t))
+            m_hat = m / (1 - ops.power(ops.convert_to_tensor(self.beta_1, dtype), t))
+            v_hat = v / (1 - ops.power(ops.convert_to_tensor(self.beta_2, dtype), t))
         u = m_hat / (ops.sqrt(v_hat) + self.epsilon)
         if use_decay:
             u = u + self.weight_decay * w

@@ -7,6 +7,7 @@ from keras_lamb.layerwise import LayerwiseAdaptiveOptimizer, dense_cast
 from keras_lamb.trust_ratio import (
     check_bool,
     check_number,
+    clamp,
     compute_dtype,
     l2_norm,
     safe_trust_ratio,
@@ -201,10 +202,8 @@ class LARS(LayerwiseAdaptiveOptimizer):
                 ),
                 ops.greater(lr, 0.0),
             )
-            safe_lr = ops.where(clip, lr, 1.0)
-            ratio = ops.where(
-                clip, ops.minimum(ratio / safe_lr, 1.0), ratio
-            )
+            safe_lr = ops.where(clip, lr, ops.ones_like(lr))
+            ratio = ops.where(clip, clamp(ratio / safe_lr, upper=1.0), ratio)
         return ratio
 
     def _reference_update_step(self, gradient, variable, learning_rate):

@@ -142,6 +142,23 @@ def safe_trust_ratio(numerator, denominator, norms=None):
     return ops.where(positive, numerator / safe_denominator, 1.0)
 
 
+def clamp(x, lower=None, upper=None):
+    """`x` clipped to `[lower, upper]` (either `None`: no bound), in `x`'s
+    dtype on every backend.
+
+    Written with `where`: Keras's torch `minimum`/`maximum` (3.15) compute
+    two float64 tensors in float32, which put LAMB's bounded and clipped
+    ratios and LARC 1e-8 off a float64 reference.
+    """
+    if lower is not None:
+        low = ops.full_like(x, lower)
+        x = ops.where(ops.less(x, low), low, x)
+    if upper is not None:
+        high = ops.full_like(x, upper)
+        x = ops.where(ops.greater(x, high), high, x)
+    return x
+
+
 def variable_path(variable):
     """`variable.path` of a Keras variable; for a raw `tf.Variable` (TF
     custom loops), its name without the `:0` suffix (`"block1/kernel"`)."""
