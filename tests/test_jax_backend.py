@@ -3,7 +3,8 @@
 Keras picks its backend once, at import, so each JAX run is a second pytest
 process: the backend-agnostic optimizer tests (this is how the optimizers
 are measured on GPUs); `keras.distribution` on 8 virtual CPU devices; and
-the core install, with `import tensorflow` failing.
+the core install, with `import tensorflow` failing. test_torch_backend.py
+runs the same optimizer modules on torch with `run_on_backend`.
 """
 
 import importlib.util
@@ -17,6 +18,7 @@ from conftest import BACKEND, background
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+# The optimizer modules, run on every backend.
 AGNOSTIC_MODULES = [
     "test_numerics.py",
     "test_config_and_validation.py",
@@ -24,6 +26,9 @@ AGNOSTIC_MODULES = [
     "test_fast_path.py",
     "test_hardening.py",
     "test_exclusions.py",
+    "test_callbacks.py",
+    "test_schedules.py",
+    "test_recipes.py",
 ]
 # Run as `python -c`, before pytest or Keras import anything: TensorFlow then
 # fails to import as it does where it is not installed.
@@ -42,7 +47,15 @@ pytestmark = [
 def run_on_jax(modules, launcher=("-m", "pytest"), timeout=900, **env):
     """Runs `modules` in a JAX pytest process; returns (returncode, stdout
     tail, stderr tail)."""
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", **env)
+    return run_on_backend("jax", modules, launcher, timeout,
+                          JAX_PLATFORMS="cpu", **env)
+
+
+def run_on_backend(backend, modules, launcher=("-m", "pytest"), timeout=900,
+                   **env):
+    """Runs `modules` in a pytest process on Keras's `backend`; returns
+    (returncode, stdout tail, stderr tail)."""
+    env = dict(os.environ, KERAS_BACKEND=backend, **env)
     env.pop("KERAS_LAMB_TEST_BACKGROUND", None)
     # This checkout's keras_lamb, not an installed one.
     env["PYTHONPATH"] = os.pathsep.join(
@@ -56,7 +69,7 @@ def run_on_jax(modules, launcher=("-m", "pytest"), timeout=900, **env):
 
 
 def checked(job):
-    """The output tail of a JAX run, which must have passed."""
+    """The output tail of a backend run, which must have passed."""
     returncode, tail, stderr = job.result()
     assert returncode == 0, tail + stderr
     print(tail.splitlines()[-1])
