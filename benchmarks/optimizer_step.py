@@ -46,6 +46,10 @@ from report import Report, run_record  # noqa: E402
 from shapes import SHAPE_SETS, shape_set  # noqa: E402
 
 FLOOR_BYTES = {
+    "torch.AdamW": 28,
+    "timm.Lamb": 40,
+    "torch.SGD-momentum": 20,
+    "timm.Lars": 28,
     "keras_lamb.LAMB": 40,
     "keras.Lamb": 40,
     "optax.lamb": 40,
@@ -58,6 +62,10 @@ FLOOR_BYTES = {
 }
 # What each optimizer's time is divided by in the `x_ref` column.
 REFERENCE = {
+    "torch.AdamW": "keras.Adam",
+    "timm.Lamb": "keras.Adam",
+    "torch.SGD-momentum": "keras.SGD-momentum",
+    "timm.Lars": "keras.SGD-momentum",
     "keras_lamb.LAMB": "keras.Adam",
     "keras.Lamb": "keras.Adam",
     "keras.AdamW": "keras.Adam",
@@ -71,6 +79,9 @@ KERAS_OPTIMIZERS = [
     "keras.Lamb", "keras.SGD-momentum",
 ]
 OPTAX_OPTIMIZERS = ["optax.lamb", "optax.lars", "optax.adam"]
+# The torch backend's peers (always measured there): torch.optim with
+# foreach, and timm's LAMB and LARS (foreach where timm has it).
+TORCH_PEERS = ["torch.AdamW", "torch.SGD-momentum", "timm.Lamb", "timm.Lars"]
 # Variants of keras_lamb's step, chosen by its private switches: the
 # per-variable reference path (the code before the fast path), each way of
 # computing the norms (the defaults depend on the backend and device), both
@@ -125,8 +136,11 @@ LEARNING_RATE = {"lamb": 1e-3, "adam": 1e-3, "lars": 0.1, "sgd": 0.1}
 def define_flags():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--backend", choices=["tensorflow", "jax", "all"], default="all",
-        help="Keras backend(s) to measure; each runs in a subprocess.")
+        "--backend", choices=["tensorflow", "jax", "torch", "all"],
+        default="all",
+        help="Keras backend(s) to measure; each runs in a subprocess (all: "
+        "tensorflow and jax; torch on request, with torch.optim's AdamW and "
+        "SGD, and timm's Lamb and Lars when timm is installed, as peers).")
     parser.add_argument(
         "--shapes", default="bert-base,resnet50",
         help=f"comma-separated shape sets from {sorted(SHAPE_SETS)}.")
@@ -567,12 +581,127 @@ def measurement(common, opt_name, r, n_params, bandwidth, xla, results, key):
     return record
 
 
+def torch_peer(name, params, set_name):
+    """A torch.optim or timm optimizer over `params` (torch tensors with
+    gradients set), the same hyperparameters as the Keras ones."""
+    import re
+
+    import torch
+
+    pattern = re.compile(EXCLUDE[set_name])
+    if name == "torch.AdamW":
+        return torch.optim.AdamW(params, LEARNING_RATE["adam"],
+                                 weight_decay=0.01, foreach=True)
+    if name == "torch.SGD-momentum":
+        return torch.optim.SGD(params, LEARNING_RATE["sgd"], momentum=0.9,
+                               foreach=True)
+    from timm.optim import Lamb, Lars
+
+    decay = [p for p, (path, _) in zip(params, SHAPE_PATHS[set_name])
+             if not pattern.search(path)]
+    rest = [p for p, (path, _) in zip(params, SHAPE_PATHS[set_name])
+            if pattern.search(path)]
+    if name == "timm.Lamb":
+        # Groups without decay skip adaptation in timm (its always_adapt).
+        return Lamb([dict(params=decay, weight_decay=0.01),
+                     dict(params=rest, weight_decay=0.0)],
+                    LEARNING_RATE["lamb"], max_grad_norm=None)
+    return Lars([dict(params=decay, weight_decay=1e-4),
+                 dict(params=rest, weight_decay=0.0)],
+                LEARNING_RATE["lars"], momentum=0.9)
+
+
+SHAPE_PATHS = {}
+
+
+def torch_worker(args, emit):
+    """Keras optimizers (eager, as `fit` steps them on torch) and torch.optim
+    / timm peers, on CPU or the first GPU, each on its own copy of the
+    parameters."""
+    import keras
+    import torch
+
+    have_timm = importlib.util.find_spec("timm") is not None
+    versions = {"kind": "versions", "backend": "torch",
+                "torch": torch.__version__, "keras": keras.__version__}
+    if have_timm:
+        import timm
+
+        versions["timm"] = timm.__version__
+    emit(versions)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for set_name in args.shapes:
+        shapes, n_params = shape_set(set_name)
+        SHAPE_PATHS[set_name] = shapes
+        values = random_values(shapes, 0)
+        grads_np = random_values(shapes, 1)
+        steps, k = {}, args.steps_per_sample
+        copy_in = torch.zeros(n_params, device=device)
+        copy_out = torch.zeros(n_params, device=device)
+
+        def sync():
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        def copy():
+            for _ in range(k):
+                torch.add(copy_in, 1.0, out=copy_out)
+            sync()
+
+        steps["copy"] = copy
+        for opt_name in args.optimizers:
+            if opt_name.startswith("optax."):
+                continue
+            variables = make_keras_variables(shapes, values)
+            grads = [torch.as_tensor(g, device=device) for g in grads_np]
+            opt = make_keras_optimizer(opt_name, set_name)
+            opt.build(variables)
+
+            def step(opt=opt, variables=variables, grads=grads):
+                for _ in range(k):
+                    opt.apply(grads, variables)
+                sync()
+
+            steps[opt_name] = step
+        for name in TORCH_PEERS:
+            if name.startswith("timm.") and not have_timm:
+                emit({"backend": "torch", "optimizer": name,
+                      "skipped": "timm is not installed"})
+                continue
+            params = [torch.tensor(v, device=device, requires_grad=True)
+                      for v in values]
+            for p, g in zip(params, grads_np):
+                p.grad = torch.as_tensor(g, device=device)
+            peer = torch_peer(name, params, set_name)
+
+            def peer_step(peer=peer):
+                for _ in range(k):
+                    peer.step()
+                sync()
+
+            steps[name] = peer_step
+        results = Timer(steps, args.reps, args.warmup, k).run()
+        copy_ms = results.pop("copy")["ms"]
+        bandwidth = 8 * n_params / (copy_ms * 1e-3) / 1e9
+        common = {"backend": "torch", "device": device, "shapes": set_name,
+                  "n_params": n_params, "n_tensors": len(shapes),
+                  "reps": args.reps}
+        emit(dict(common, kind="bandwidth", ms=copy_ms, gb_per_s=bandwidth,
+                  what="y = x + 1, torch"))
+        for opt_name, r in results.items():
+            emit(measurement(common, opt_name, r, n_params, bandwidth,
+                             xla=False, results=results, key=opt_name))
+        keras.backend.clear_session()
+
+
 def worker_main(args):
     def emit(record):
         print(json.dumps(record), flush=True)
 
     if args.worker == "tensorflow":
         tf_worker(args, emit)
+    elif args.worker == "torch":
+        torch_worker(args, emit)
     else:
         jax_worker(args, emit)
 
@@ -583,7 +712,8 @@ def worker_main(args):
 
 def run_backend(backend, args):
     """Runs the worker for `backend`; yields its JSON records."""
-    module = {"tensorflow": "tensorflow", "jax": "jax"}[backend]
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[
+        backend]
     if importlib.util.find_spec(module) is None:
         yield {"backend": backend, "skipped": f"{module} is not installed"}
         return

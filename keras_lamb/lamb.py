@@ -162,6 +162,11 @@ class LAMB(LayerwiseAdaptiveOptimizer):
     def _slots(self, index):
         return [self._momentums[index], self._velocities[index]]
 
+    def _torch_update(self, grads, variables, learning_rate):
+        from keras_lamb import torch_step
+
+        torch_step.lamb_update(self, grads, variables, learning_rate)
+
     def _step_scalars(self, learning_rate, dtype):
         """The step's scalars in `dtype`, computed once per step, not per
         variable.

@@ -157,6 +157,11 @@ class LARS(LayerwiseAdaptiveOptimizer):
     def _slots(self, index):
         return [self._momentums[index]]
 
+    def _torch_update(self, grads, variables, learning_rate):
+        from keras_lamb import torch_step
+
+        torch_step.lars_update(self, grads, variables, learning_rate)
+
     def _step_scalars(self, learning_rate, dtype):
         return {"lr": ops.cast(learning_rate, dtype)}
 

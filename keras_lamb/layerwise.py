@@ -421,7 +421,17 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             return super()._backend_update_step(
                 grads, trainable_variables, learning_rate
             )
+        if keras.backend.backend() == "torch" and self._torch_update is not None:
+            from keras_lamb import torch_step
+
+            if torch_step.applies(trainable_variables):
+                return self._torch_update(
+                    grads, trainable_variables, learning_rate)
         self._update_variables(grads, trainable_variables, learning_rate)
+
+    # The torch fast path (`keras_lamb.torch_step`): a function
+    # `(optimizer, grads, variables, learning_rate)`, set by subclasses.
+    _torch_update = None
 
     def _whole_step_allowed(self):
         """Whether `_backend_update_step` may update all variables at once.

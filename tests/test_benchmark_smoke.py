@@ -130,3 +130,26 @@ def test_train_step_rejects_bad_flags():
         )
         assert result.returncode == 2, flags
         assert message in result.stderr, result.stderr
+
+
+TORCH_STEP = background("benchmark_smoke_torch", lambda: run_script(
+    SCRIPT, "--smoke", "--backend", "torch",
+    "--optimizers", ",".join(OPTIMIZERS), "--steps-per-sample", "2"),
+    seconds=15)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch not installed (the torch extra)")
+@pytest.mark.background("benchmark_smoke_torch")
+def test_benchmark_smoke_on_torch_with_its_peers():
+    result, jsonl, table = TORCH_STEP.result()
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in jsonl.splitlines()]
+    got = {r["optimizer"] for r in records if r.get("kind") == "step"}
+    peers = {"torch.AdamW", "torch.SGD-momentum"}
+    if importlib.util.find_spec("timm") is not None:
+        peers |= {"timm.Lamb", "timm.Lars"}
+    assert got == set(OPTIMIZERS) | peers, got
+    ratios = {r["optimizer"]: r.get("x_ref") for r in records
+              if r.get("kind") == "step"}
+    assert ratios["keras_lamb.LAMB"] > 0 and "| torch | off | smoke |" in table

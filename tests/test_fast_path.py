@@ -4,7 +4,9 @@ The optimizers step all variables in one call or, inside `tf.distribute`, one
 variable at a time; the private flag `_use_reference_path` selects the papers'
 equations written out per variable. These tests run all of them on the same
 variables and gradients. Backend-agnostic: runs under TensorFlow and again
-under JAX (tests/test_jax_backend.py).
+under JAX and torch (tests/test_jax_backend.py, test_torch_backend.py), where
+the whole step is the grouped `torch._foreach_*` step of
+`keras_lamb.torch_step`.
 """
 
 import keras
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 import keras_lamb
-from conftest import TOLERANCES
+from conftest import BACKEND, TOLERANCES
 from keras_lamb import layerwise
 from keras_lamb.trust_ratio import (
     SUM_OF_SQUARES_METHODS,
@@ -179,6 +181,25 @@ def test_low_precision_variables(name, dtype):
                     dtype=dtype)
     fast = run(make_optimizer(name, config, "whole"), specs, dtype=dtype)
     assert_same(fast, reference, dtype)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch fast path")
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_torch_whole_step_takes_the_foreach_path(name, monkeypatch):
+    # The comparisons above check the grouped torch._foreach_* step only
+    # if the whole step really goes through it.
+    from keras_lamb import torch_step
+
+    calls = []
+    original = getattr(torch_step, f"{name}_update")
+
+    def spy(*args):
+        calls.append(len(args[2]))
+        return original(*args)
+
+    monkeypatch.setattr(torch_step, f"{name}_update", spy)
+    run(make_optimizer(name, {}, "whole"), FIXED_SPECS, steps=2)
+    assert calls == [len(FIXED_SPECS)] * 2
 
 
 def test_the_step_changes_the_variables():
