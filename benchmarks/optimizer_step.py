@@ -83,13 +83,17 @@ OPTAX_OPTIMIZERS = ["optax.lamb", "optax.lars", "optax.adam"]
 # foreach, and timm's LAMB and LARS (foreach where timm has it).
 TORCH_PEERS = ["torch.AdamW", "torch.SGD-momentum", "timm.Lamb", "timm.Lars"]
 # Variants of keras_lamb's step, chosen by its private switches: the
-# per-variable reference path (the code before the fast path), each way of
+# per-variable reference path (the code before the fast path), the
+# backend-neutral step on torch (`neutral`), each way of
 # computing the norms (the defaults depend on the backend and device), both
 # norms in one stacked reduction or in two, and no exclusions (every variable
 # decayed and adapted). Variants combine with `+`:
 # `keras_lamb.LAMB[adapt-all+joint]`.
 VARIANTS = {
     "reference": {"_use_reference_path": True},
+    # torch: the backend-neutral whole step instead of the grouped
+    # torch._foreach_* one (keras_lamb.torch_step).
+    "neutral": {"_torch_update": None},
     "reduce": {"_norm_method": "reduce"},
     "matvec": {"_norm_method": "matvec"},
     "rows": {"_norm_method": "rows"},
@@ -576,7 +580,9 @@ def measurement(common, opt_name, r, n_params, bandwidth, xla, results, key):
         record.update(
             ref=ref, x_ref=r["ms"] / ref_r["ms"],
             x_ref_cpu=r["cpu_ms"] / ref_r["cpu_ms"],
-            x_ref_compile=r["compile_ms"] / max(ref_r["compile_ms"], 1e-9),
+            # (None where the reference compiles nothing: torch eager.)
+            x_ref_compile=(r["compile_ms"] / ref_r["compile_ms"]
+                           if ref_r["compile_ms"] >= 1.0 else None),
         )
     return record
 
@@ -757,7 +763,8 @@ def markdown_table(records):
             + (f"{r['x_ref']:.2f} | {r['ref']} | {r['x_ref_cpu']:.2f} | "
                if has_ref else " | | | ")
             + f"{r['compile_ms']:.0f} | "
-            + (f"{r['x_ref_compile']:.2f} | " if has_ref else " | ")
+            + (f"{r['x_ref_compile']:.2f} | "
+               if has_ref and r.get("x_ref_compile") is not None else " | ")
             + f"{r['floor_bytes_per_param']} | {r['gb_per_s']:.1f} | "
             f"{r['x_floor']:.2f} | {r.get('hlo_kernels', '')} |")
     notes = []

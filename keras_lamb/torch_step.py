@@ -112,18 +112,25 @@ def lars_update(optimizer, grads, variables, learning_rate):
         step_sizes = torch.unbind(lr * ratios)
     else:
         step_sizes = [lr] * count  # the same 0-dim tensor
-    # step = lr r g + wd lr r w, a new list (g stays as it is).
-    step = torch._foreach_mul(g, step_sizes)
     decayed = [k for k in range(count) if decay[k]]
+    torch._foreach_mul_(velocity, optimizer.momentum)
+    if not optimizer.nesterov:
+        # v_t = momentum v + lr r (g + wd w), accumulated in place: no
+        # step tensor is formed; then w = w - v_t.
+        torch._foreach_addcmul_(velocity, g, step_sizes)
+        if decayed:
+            torch._foreach_addcmul_([velocity[k] for k in decayed],
+                                    [w[k] for k in decayed],
+                                    [step_sizes[k] for k in decayed],
+                                    value=wd)
+        torch._foreach_add_(w, velocity, alpha=-1.0)
+        return
+    # Nesterov needs the step itself: w = w - (momentum v_t + step).
+    step = torch._foreach_mul(g, step_sizes)
     if decayed:
         torch._foreach_addcmul_([step[k] for k in decayed],
                                 [w[k] for k in decayed],
                                 [step_sizes[k] for k in decayed], value=wd)
-    # v_t = momentum v + step, in place; then w.
-    torch._foreach_mul_(velocity, optimizer.momentum)
     torch._foreach_add_(velocity, step)
-    if optimizer.nesterov:
-        torch._foreach_add_(w, step, alpha=-1.0)
-        torch._foreach_add_(w, velocity, alpha=-optimizer.momentum)
-    else:
-        torch._foreach_add_(w, velocity, alpha=-1.0)
+    torch._foreach_add_(w, step, alpha=-1.0)
+    torch._foreach_add_(w, velocity, alpha=-optimizer.momentum)
