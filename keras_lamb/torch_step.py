@@ -45,14 +45,20 @@ def _ratios(adapted, compute, count, dtype, device):
     return ratios
 
 
-@torch.no_grad()
-def lamb_update(optimizer, grads, variables, learning_rate):
-    """LAMB's step (`LAMB._layerwise_update`) on float32 `variables`."""
+def _gather(optimizer, grads, variables):
+    """`(indices, weights, gradients, slot lists)`: the torch tensors the
+    step updates in place, slot by slot (`optimizer._slots`)."""
     indices = [optimizer._get_variable_index(v) for v in variables]
     w = [v.value for v in variables]
     g = [ops.convert_to_tensor(grad, "float32") for grad in grads]
-    m = [optimizer._momentums[i].value for i in indices]
-    v = [optimizer._velocities[i].value for i in indices]
+    slots = zip(*(optimizer._slots(i) for i in indices))
+    return indices, w, g, [[slot.value for slot in s] for s in slots]
+
+
+@torch.no_grad()
+def lamb_update(optimizer, grads, variables, learning_rate):
+    """LAMB's step (`LAMB._layerwise_update`) on float32 `variables`."""
+    indices, w, g, (m, v) = _gather(optimizer, grads, variables)
     scalars = optimizer._step_scalars(learning_rate, "float32")
     lr, c1 = scalars["lr"], scalars["c1"]
     # m_t = m + (1 - beta_1)(g - m), v_t = beta_2 v + (1 - beta_2) g^2,
@@ -89,10 +95,7 @@ def lamb_update(optimizer, grads, variables, learning_rate):
 @torch.no_grad()
 def lars_update(optimizer, grads, variables, learning_rate):
     """LARS's step (`LARS._layerwise_update`) on float32 `variables`."""
-    indices = [optimizer._get_variable_index(v) for v in variables]
-    w = [v.value for v in variables]
-    g = [ops.convert_to_tensor(grad, "float32") for grad in grads]
-    velocity = [optimizer._momentums[i].value for i in indices]
+    indices, w, g, (velocity,) = _gather(optimizer, grads, variables)
     lr = optimizer._step_scalars(learning_rate, "float32")["lr"]
     wd = optimizer.weight_decay
     decay = [bool(wd) and optimizer._apply_decay[i] for i in indices]

@@ -588,6 +588,7 @@ class RunRecord:
         self._step = None
         self._complete = None
         self._identity_pending = False
+        self._pending_plan = None
         self._last_progress = 0.0
         self._last_train = None
 
@@ -742,7 +743,7 @@ class RunRecord:
         if self._identity_pending and self._complete is not None:
             # A finished run continued with changed flags: it now trains.
             self._complete = None
-            self._write_identity(getattr(self, "_pending_plan", None))
+            self._write_identity(self._pending_plan)
         self._segment.update(
             end_step=step, train_seconds=train_seconds,
             steps_run=max(self._segment.get("steps_run", 0),

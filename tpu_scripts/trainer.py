@@ -399,8 +399,7 @@ class Trainer:
         if not self.model_dir:
             return 0
         checkpoints = run_state.list_checkpoints(self.model_dir)
-        index = tf.train.get_checkpoint_state(self.model_dir) if (
-            self._index_readable()) else None
+        index = self._checkpoint_index()
         damaged = []
         for number, prefix in reversed(checkpoints):
             try:
@@ -439,11 +438,13 @@ class Trainer:
             )
         return int(self.global_step.numpy())
 
-    def _index_readable(self):
+    def _checkpoint_index(self):
+        """The `checkpoint` index file's state; `None` when it is missing
+        or cannot be parsed (the checkpoints are found from their files)."""
         try:
-            return tf.train.get_checkpoint_state(self.model_dir) is not None
-        except (tf.errors.OpError, ValueError, Exception):  # text proto
-            return False
+            return tf.train.get_checkpoint_state(self.model_dir)
+        except Exception:  # noqa: BLE001 a garbled text proto
+            return None
 
     def _repair_index(self, damaged, intact):
         """Sets the damaged checkpoints aside and rewrites the `checkpoint`
@@ -477,7 +478,6 @@ class Trainer:
         """
         if self.checkpoint_manager is None:
             return None
-        self._sync_replica_statistics()
         self._check_finite_weights()
         try:
             path = self.checkpoint_manager.save(
@@ -501,8 +501,11 @@ class Trainer:
         and a checkpoint keeps only the first replica's; without this an
         evaluation after a restart (every replica holding the first one's
         statistics) differs from the same evaluation in an uninterrupted
-        run (each replica using its own). Done before every evaluation and
-        checkpoint, so both runs evaluate and save the same values.
+        run (each replica using its own). Done at the end of every loop of
+        steps: every checkpoint and evaluation happens there (a SIGTERM's
+        too) or right after a restore, which gives every replica the same
+        values, so both runs evaluate and save the same values, bit for
+        bit.
         """
         if self.strategy.num_replicas_in_sync == 1:
             return
@@ -573,7 +576,6 @@ class Trainer:
         `steps_per_epoch`), every example once."""
         for m in self.eval_metrics.values():
             m.reset_state()
-        self._sync_replica_statistics()
         iterator = iter(self._distribute(eval_input))
         self._eval_loop(iterator, tf.constant(eval_input.steps_per_epoch))
         return self._results(self.eval_metrics)

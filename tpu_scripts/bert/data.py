@@ -119,6 +119,20 @@ def _undecodable(path, data, error):
     )
 
 
+def _read_utf8(path, what):
+    """The text of `path`; a `DataError` naming `what` if it cannot be read,
+    or naming the byte and line if it is not UTF-8."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+    except (OSError, tf.errors.OpError) as e:
+        raise DataError(f"Cannot read {what}: {e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _undecodable(path, data, e) from None
+
+
 def read_documents(paths):
     """Documents (lists of non-empty stripped lines) from text files.
 
@@ -132,15 +146,7 @@ def read_documents(paths):
             raise DataError(
                 f"Cannot read input file {path!r}: it is a directory."
             )
-        try:
-            with tf.io.gfile.GFile(path, "rb") as f:
-                data = f.read()
-        except (OSError, tf.errors.OpError) as e:
-            raise DataError(f"Cannot read input file {path!r}: {e}") from e
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise _undecodable(path, data, e) from None
+        text = _read_utf8(path, f"input file {path!r}")
         file_documents = [[]]
         for line in text.splitlines():
             line = line.strip()
@@ -191,15 +197,7 @@ def load_vocabulary(path, flag="--vocab_file"):
     path = dataset_path(path)
     if tf.io.gfile.isdir(path):
         path = os.path.join(path, VOCAB_FILENAME)
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read()
-    except (OSError, tf.errors.OpError) as e:
-        raise DataError(f"Cannot read {flag}={path}: {e}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _undecodable(path, data, e) from None
+    text = _read_utf8(path, f"{flag}={path}")
     vocabulary = [line.rstrip("\r") for line in text.split("\n")]
     if vocabulary and not vocabulary[-1]:
         vocabulary.pop()  # the newline that ends the last line
