@@ -189,6 +189,9 @@ def pytest_configure(config):
         "markers", "background(name, in_place=False): the test consumes "
         "background job `name` (see tests/conftest.py); it runs at the end "
         "of the session unless in_place")
+    config.addinivalue_line(
+        "markers", "no_tensorflow_needed: the test also runs where "
+        "`import tensorflow` fails (test_jax_engine.py)")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,6 +1,11 @@
 """Strategy plumbing shared by every script: one string picks the strategy.
 
-`--strategy` takes one of `STRATEGY_NAMES`:
+The engine follows Keras's backend (`KERAS_BACKEND`): `tensorflow` trains
+with `tf.distribute` (`tpu_scripts.trainer`), `jax` with
+`keras.distribution` (`tpu_scripts.jax_trainer`). `setup(flags)` configures
+either and returns a `Runtime` that makes the engine's trainer.
+
+On TensorFlow, `--strategy` takes one of `STRATEGY_NAMES`:
 
 - `tpu`: `TPUStrategy` on the TPU named by `--tpu` (a Cloud TPU name, a
   `grpc://` address, or `local` on a TPU VM).
@@ -11,19 +16,31 @@
 - `one_device`: `OneDeviceStrategy` on the first GPU, else the CPU.
 - `default`: TensorFlow's default (no-op) strategy.
 
+On JAX it takes one of `JAX_STRATEGY_NAMES`:
+
+- `data_parallel`: `keras.distribution.DataParallel` over every device
+  (all local ones; on several hosts, every host's after
+  `keras.distribution.initialize()`, which `--jax_num_processes` asks for);
+- `one_device`, `default`: the first device.
+
+The TensorFlow-only values and flags (`tpu`, `mirrored`,
+`multi_worker_mirrored`, `--tpu`, `--collective`, `--jit_compile`) are
+refused on JAX, and `data_parallel` and the `--jax_*` flags on TensorFlow,
+each with one error naming the flag.
+
 The command line gives the *global* batch size; `per_replica_batch_size`
 derives each replica's share from `strategy.num_replicas_in_sync`.
 
 `define_flags` defines the flags that pick and shape the strategy
 (`--strategy`, `--tpu`, `--num_cpu_devices`, `--collective`,
-`--mixed_precision`, `--jit_compile`) once, for every script that trains.
+`--mixed_precision`, `--jit_compile`, `--jax_*`) once, for every script that
+trains.
 """
 
 import json
 import os
+import sys
 import tempfile
-
-import tensorflow as tf
 
 from tpu_scripts.run_state import FlagError
 
@@ -34,10 +51,13 @@ STRATEGY_NAMES = (
     "one_device",
     "default",
 )
+JAX_STRATEGY_NAMES = ("data_parallel", "one_device", "default")
+ENGINES = ("tensorflow", "jax")
 MIXED_PRECISION_NAMES = ("none", "bfloat16", "float16")
 COLLECTIVE_NAMES = ("auto", "ring", "nccl")
 FLAG_NAMES = ("strategy", "tpu", "num_cpu_devices", "collective",
-              "mixed_precision", "jit_compile")
+              "mixed_precision", "jit_compile", "jax_coordinator_address",
+              "jax_num_processes", "jax_process_id")
 
 
 def define_flags(flag_values=None):
@@ -53,10 +73,13 @@ def define_flags(flag_values=None):
     flag_values = flags.FLAGS if flag_values is None else flag_values
     f = dict(flag_values=flag_values)
     flags.DEFINE_enum(
-        "strategy", "default", STRATEGY_NAMES,
-        "tf.distribute strategy: tpu (TPUStrategy on --tpu), mirrored (all "
-        "local GPUs, else all logical CPUs), multi_worker_mirrored (cluster "
-        "from TF_CONFIG), one_device (first GPU, else CPU), default.", **f)
+        "strategy", "default", STRATEGY_NAMES + ("data_parallel",),
+        "TensorFlow (tf.distribute): tpu (TPUStrategy on --tpu), mirrored "
+        "(all local GPUs, else all logical CPUs), multi_worker_mirrored "
+        "(cluster from TF_CONFIG), one_device (first GPU, else CPU), "
+        "default. JAX (KERAS_BACKEND=jax, keras.distribution): "
+        "data_parallel (every device of every host), one_device, default "
+        "(both: the first device).", **f)
     flags.DEFINE_string(
         "tpu", "", "TPUClusterResolver name or grpc:// address of the TPU "
         "(`local` on a TPU VM; empty: the TPU_NAME environment variable).",
@@ -74,8 +97,21 @@ def define_flags(flag_values=None):
         "optimizer is wrapped in keras.optimizers.LossScaleOptimizer) or "
         "none (float32).", **f)
     flags.DEFINE_boolean(
-        "jit_compile", False, "XLA-compile each replica's forward and "
-        "backward pass (GPU/CPU; TPU always compiles).", **f)
+        "jit_compile", False, "TensorFlow: XLA-compile each replica's "
+        "forward and backward pass (GPU/CPU; TPU always compiles). JAX "
+        "always compiles.", **f)
+    flags.DEFINE_integer(
+        "jax_num_processes", 1, "JAX: processes of the job (one per host). "
+        "1: this process alone; 0: found by jax.distributed (Cloud TPU pods, "
+        "SLURM, ...); >1: with --jax_coordinator_address and "
+        "--jax_process_id. Calls keras.distribution.initialize() unless 1.",
+        **f)
+    flags.DEFINE_string(
+        "jax_coordinator_address", "", "JAX: host:port of process 0, for "
+        "--jax_num_processes > 1.", **f)
+    flags.DEFINE_integer(
+        "jax_process_id", 0, "JAX: this process's index in [0, "
+        "--jax_num_processes).", **f)
 
 
 def check_choice(flag, value, choices):
@@ -95,6 +131,7 @@ def configure_cpu_devices(count):
     multi-replica code path). Must run before TensorFlow initialises its
     devices, i.e. before any op or strategy is created in this process.
     """
+    import tensorflow as tf
     if count <= 1:
         return
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -122,6 +159,7 @@ def get_strategy(name, tpu="", collective="auto"):
         collective: for `multi_worker_mirrored`, the all-reduce
             implementation, `auto`, `ring` (gRPC) or `nccl`.
     """
+    import tensorflow as tf
     check_choice("strategy", name, STRATEGY_NAMES)
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
@@ -219,3 +257,200 @@ def writable_model_dir(model_dir, strategy):
         tempfile.gettempdir(), "tpu_scripts_workers",
         f"{os.path.basename(os.path.normpath(model_dir))}_{task_type}_{task_id}",
     )
+
+
+# ----------------------------------------------------------------------------
+# Both engines
+
+
+def engine():
+    """`"tensorflow"` or `"jax"`: Keras's backend, or an error naming it."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend not in ENGINES:
+        raise FlagError(
+            f"The training scripts run on Keras's tensorflow or jax backend; "
+            f"this process uses {backend!r}. Set KERAS_BACKEND=tensorflow or "
+            "KERAS_BACKEND=jax.")
+    return backend
+
+
+def check_engine_flags(flags_, engine_name):
+    """Raises `FlagError` for a distribution flag the engine does not
+    have (reads no data, creates no device)."""
+    if engine_name == "jax":
+        if flags_.strategy not in JAX_STRATEGY_NAMES:
+            raise FlagError(
+                f"--strategy={flags_.strategy} is TensorFlow's; on JAX "
+                "(KERAS_BACKEND=jax) use one of: "
+                f"{', '.join(JAX_STRATEGY_NAMES)} (data_parallel spans every "
+                "TPU/GPU of every host).")
+        for name, default, why in (
+                ("tpu", "", "JAX finds a TPU VM's chips itself"),
+                ("collective", "auto", "XLA picks the all-reduce"),
+                ("jit_compile", False, "JAX always compiles")):
+            if getattr(flags_, name) != default:
+                raise FlagError(
+                    f"--{name}={getattr(flags_, name)} is a TensorFlow flag "
+                    f"({why}); drop it on JAX.")
+        if flags_.jax_num_processes < 0:
+            raise FlagError("--jax_num_processes must be >= 0. Received: "
+                            f"{flags_.jax_num_processes}.")
+        if flags_.jax_num_processes > 1:
+            if not flags_.jax_coordinator_address:
+                raise FlagError(
+                    f"--jax_num_processes={flags_.jax_num_processes} needs "
+                    "--jax_coordinator_address (host:port of process 0).")
+            if not 0 <= flags_.jax_process_id < flags_.jax_num_processes:
+                raise FlagError(
+                    f"--jax_process_id must be in [0, "
+                    f"{flags_.jax_num_processes}). Received: "
+                    f"{flags_.jax_process_id}.")
+        return
+    if flags_.strategy not in STRATEGY_NAMES:
+        raise FlagError(
+            f"--strategy={flags_.strategy} is the JAX engine's; run with "
+            "KERAS_BACKEND=jax, or on TensorFlow use one of: "
+            f"{', '.join(STRATEGY_NAMES)}.")
+    for name, default in (("jax_num_processes", 1),
+                          ("jax_coordinator_address", ""),
+                          ("jax_process_id", 0)):
+        if getattr(flags_, name) != default:
+            raise FlagError(
+                f"--{name} is a JAX flag; on TensorFlow a cluster comes from "
+                "TF_CONFIG (--strategy=multi_worker_mirrored) or --tpu.")
+
+
+def configure_jax_cpu_devices(count):
+    """Splits the host CPU into `count` JAX devices (before JAX creates
+    its backends)."""
+    if count <= 1:
+        return
+    import jax
+
+    if jax.config.jax_num_cpu_devices == count:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"Cannot split the CPU into {count} JAX devices: JAX has already "
+            "created its backends in this process. Set --num_cpu_devices "
+            "before any JAX array is made (or XLA_FLAGS="
+            "--xla_force_host_platform_device_count).") from e
+
+
+class Runtime:
+    """What a script needs of its engine: the number of replicas (data
+    shards), whether this process is the chief, a description, and
+    `trainer(...)`, which builds the engine's trainer.
+
+    Attributes:
+        engine: `"tensorflow"` or `"jax"`.
+        strategy: the `tf.distribute.Strategy` (TensorFlow), else `None`.
+        distribution: the `keras.distribution.Distribution` (JAX; `None` for
+            one device).
+    """
+
+    def __init__(self, engine_name, strategy=None, distribution=None):
+        self.engine = engine_name
+        self.strategy = strategy
+        self.distribution = distribution
+        if engine_name == "tensorflow":
+            self.num_replicas = strategy.num_replicas_in_sync
+            self.is_chief = is_chief(strategy)
+            self.name = type(strategy).__name__
+        else:
+            import jax
+
+            from tpu_scripts import jax_trainer
+
+            self.num_replicas = jax_trainer.num_data_shards(distribution)
+            self.is_chief = jax.process_index() == 0
+            self.name = (f"{type(distribution).__name__} on "
+                         f"{jax.device_count()} {jax.devices()[0].platform} "
+                         f"devices, {jax.process_count()} process(es)"
+                         if distribution is not None else
+                         f"one {jax.devices()[0].platform} device")
+
+    def trainer(self, task, optimizer_fn, global_batch_size, jit_compile=False,
+                **kwargs):
+        """The engine's trainer (`Trainer` or `JaxTrainer`); `kwargs` are
+        the arguments both take."""
+        if self.engine == "tensorflow":
+            from tpu_scripts.trainer import Trainer
+
+            return Trainer(self.strategy, task, optimizer_fn,
+                           global_batch_size, jit_compile=jit_compile,
+                           **kwargs)
+        from tpu_scripts.jax_trainer import JaxTrainer
+
+        return JaxTrainer(task, optimizer_fn, global_batch_size,
+                          distribution=self.distribution, **kwargs)
+
+
+def setup(flags_, deterministic=False):
+    """Configures the engine of Keras's backend from the distribution flags
+    (devices, strategy or distribution, mixed precision, determinism) and
+    returns its `Runtime`. Call before any tensor is made."""
+    engine_name = engine()
+    check_engine_flags(flags_, engine_name)
+    if engine_name == "tensorflow":
+        configure_cpu_devices(flags_.num_cpu_devices)  # before all
+        if deterministic:
+            import tensorflow as tf
+
+            tf.config.experimental.enable_op_determinism()
+        strategy = get_strategy(flags_.strategy, flags_.tpu,
+                                flags_.collective)
+        set_mixed_precision(flags_.mixed_precision)
+        return Runtime("tensorflow", strategy=strategy)
+    import keras
+
+    configure_jax_cpu_devices(flags_.num_cpu_devices)
+    if flags_.jax_num_processes != 1:
+        keras.distribution.initialize(
+            job_addresses=flags_.jax_coordinator_address or None,
+            num_processes=flags_.jax_num_processes or None,
+            process_id=flags_.jax_process_id
+            if flags_.jax_num_processes else None)
+    set_mixed_precision(flags_.mixed_precision)
+    distribution = None
+    if flags_.strategy == "data_parallel":
+        import jax
+
+        distribution = keras.distribution.DataParallel(devices=jax.devices())
+    return Runtime("jax", distribution=distribution)
+
+
+def set_random_seed(seed):
+    """`keras.utils.set_random_seed`, without importing TensorFlow on JAX.
+
+    Keras seeds TensorFlow too whenever it is installed, which imports it
+    (seconds, and its memory) into a JAX process that has no use for it; the
+    scripts' `tf.data` pipelines use stateless seeds of their own. So on JAX
+    without TensorFlow loaded, the same global state is set here: Python's
+    and NumPy's generators and Keras's global seed.
+    """
+    import keras
+
+    if keras.backend.backend() != "jax" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    import random
+
+    import numpy as np
+
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.random import seed_generator
+        from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
+    except ImportError:  # a Keras that moved them: let it import TensorFlow
+        keras.utils.set_random_seed(seed)
+        return
+    global_state.set_global_attribute(GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(
+        seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)

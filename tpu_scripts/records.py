@@ -27,8 +27,7 @@ the read itself (one size look-up per file).
 
 import re
 import struct
-
-import tensorflow as tf
+import sys
 
 from tpu_scripts import run_state
 
@@ -75,6 +74,7 @@ def masked_crc32c(data):
 
 
 def file_size(path):
+    import tensorflow as tf
     return tf.io.gfile.stat(path).length
 
 
@@ -91,6 +91,7 @@ def file_sizes(files):
 def describe_damage(path, record, offset, size):
     """Why the frame of record `record`, starting at byte `offset` of `path`
     (a file of `size` bytes), cannot be read: one sentence."""
+    import tensorflow as tf
     left = size - offset
     where = f"{path}, record {record} (byte {offset} of {size})"
     if left < HEADER_BYTES:
@@ -129,6 +130,7 @@ def damage(path, records, consumed, size, flag=""):
 def _file_totals(path):
     """`(records, bytes of their frames)` of `path`, read as far as
     TensorFlow's reader goes (a checksum error ends the read early)."""
+    import tensorflow as tf
     records = tf.data.TFRecordDataset(
         path, buffer_size=READ_BUFFER_BYTES).ignore_errors(log_warning=False)
     return records.reduce(
@@ -146,6 +148,7 @@ def count_records(files, flag="", sizes=None):
     up to the file's size (`sizes`: `{file: size}`, looked up when not
     given). Raises `run_state.DataError` naming the first damaged file (in
     the order of `files`), the record and the byte."""
+    import tensorflow as tf
     files = list(files)
     if not files:
         return 0
@@ -175,6 +178,7 @@ def checked_records(path, size, flag=""):
     and byte; `data_error` recovers it) says the file is damaged once its
     records are read and their frames do not add up to `size`: truncation
     or corruption anywhere in it. (Reading it costs nothing more.)"""
+    import tensorflow as tf
     records = tf.data.TFRecordDataset(
         path, buffer_size=READ_BUFFER_BYTES).ignore_errors(log_warning=False)
     end = tf.data.Dataset.from_tensors((tf.constant(""), tf.constant(True)))
@@ -244,7 +248,10 @@ def data_errors_raised(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except tf.errors.OpError as e:
+        except Exception as e:  # noqa: BLE001 re-raised unless a data error
+            tf = sys.modules.get("tensorflow")
+            if tf is None or not isinstance(e, tf.errors.OpError):
+                raise
             error = data_error(e)
             if error is None:
                 raise

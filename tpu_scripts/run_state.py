@@ -1,7 +1,7 @@
 """What makes a run in a `--model_dir` safe to restart, rerun and preempt.
 
 - Atomic writes (`write_text`, `write_json`): a temporary file in the same
-  directory, then a rename, through `tf.io.gfile` (local paths, `gs://`,
+  directory, then a rename, through `tpu_scripts.fileio` (local paths, `gs://`,
   `ram://`), so a reader never sees half a `results.json`, table or manifest.
 - A run's identity (`RunRecord`): the flags that shape the run are written to
   `run_identity.json` at the first start. A restart with other values is
@@ -20,11 +20,12 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
 
-import tensorflow as tf
+from tpu_scripts import fileio
 
 IDENTITY_FILENAME = "run_identity.json"
 PROGRESS_FILENAME = "run_progress.json"
@@ -113,7 +114,8 @@ def _message(error):
 def _is_disk_full(error):
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
-    return isinstance(error, tf.errors.OpError) and (
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(error, tf.errors.OpError) and (
         "No space left on device" in str(error))
 
 
@@ -125,15 +127,15 @@ def write_text(path, text, mode="w"):
     """Writes `text` (or bytes with `mode="wb"`) to `path` atomically."""
     directory = os.path.dirname(path)
     if directory:
-        tf.io.gfile.makedirs(directory)
+        fileio.makedirs(directory)
     temp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with tf.io.gfile.GFile(temp, mode) as f:
+        with fileio.GFile(temp, mode) as f:
             f.write(text)
-        tf.io.gfile.rename(temp, path, overwrite=True)
+        fileio.rename(temp, path, overwrite=True)
     except BaseException:
-        if tf.io.gfile.exists(temp):
-            tf.io.gfile.remove(temp)
+        if fileio.exists(temp):
+            fileio.remove(temp)
         raise
 
 
@@ -147,9 +149,9 @@ def read_json(path):
     Raises `DataError` naming the file if it is not valid JSON (a file cut
     short by a full disk or edited by hand).
     """
-    if not path or not tf.io.gfile.exists(path):
+    if not path or not fileio.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
+    with fileio.GFile(path) as f:
         text = f.read()
     try:
         return json.loads(text)
@@ -163,8 +165,8 @@ def read_json(path):
 def check_model_dir(model_dir):
     """Raises `FlagError` if `--model_dir` names something that is not a
     directory."""
-    if model_dir and tf.io.gfile.exists(model_dir) and not (
-            tf.io.gfile.isdir(model_dir)):
+    if model_dir and fileio.exists(model_dir) and not (
+            fileio.isdir(model_dir)):
         raise FlagError(f"--model_dir={model_dir} is a file, not a "
                         "directory.")
 
@@ -180,10 +182,10 @@ def list_checkpoints(model_dir):
     """`[(number, prefix)]` of the checkpoints in `model_dir`, oldest first,
     found from their `ckpt-N.index` files (a missing or damaged `checkpoint`
     index file hides none of them). `N` is the global step."""
-    if not model_dir or not tf.io.gfile.isdir(model_dir):
+    if not model_dir or not fileio.isdir(model_dir):
         return []
     found = []
-    for name in tf.io.gfile.listdir(model_dir):
+    for name in fileio.listdir(model_dir):
         match = _CHECKPOINT_INDEX.match(name.rstrip("/"))
         if match:
             found.append((int(match.group(1)),
@@ -191,12 +193,33 @@ def list_checkpoints(model_dir):
     return sorted(found)
 
 
+# The JAX engine's (orbax) checkpoints: `<model_dir>/checkpoints/<step>/`.
+JAX_CHECKPOINT_DIR = "checkpoints"
+
+
+def list_jax_checkpoints(model_dir):
+    """`[(step, path)]` of the JAX engine's committed checkpoints in
+    `model_dir`, oldest first (orbax's temporaries and checkpoints set
+    aside as damaged are not listed)."""
+    directory = os.path.join(model_dir, JAX_CHECKPOINT_DIR) if model_dir \
+        else None
+    if not directory or not fileio.isdir(directory):
+        return []
+    found = [(int(name), os.path.join(directory, name))
+             for name in fileio.listdir(directory) if name.isdigit()]
+    if "://" in directory:  # no atomic rename: orbax marks a finished save
+        found = [(step, path) for step, path in found if fileio.exists(
+            os.path.join(path, "commit_success.txt"))]
+    return sorted(found)
+
+
 def checkpoint_step(model_dir):
     """The global step of the newest checkpoint in `model_dir` (`None`: no
-    checkpoint). Read from the files' names, so that a run whose index is
-    lost or whose newest checkpoint is damaged is still seen as a run."""
-    checkpoints = list_checkpoints(model_dir)
-    return checkpoints[-1][0] if checkpoints else None
+    checkpoint), of either engine. Read from the files' names, so that a
+    run whose index is lost or whose newest checkpoint is damaged is still
+    seen as a run."""
+    checkpoints = list_checkpoints(model_dir) + list_jax_checkpoints(model_dir)
+    return max(number for number, _ in checkpoints) if checkpoints else None
 
 
 def set_aside(prefix, log=print):
@@ -204,10 +227,10 @@ def set_aside(prefix, log=print):
     `prefix.damaged-*`, so that no later start tries it again and nothing
     is deleted."""
     directory, base = os.path.split(prefix)
-    for name in tf.io.gfile.listdir(directory):
+    for name in fileio.listdir(directory):
         if name == base + ".index" or name.startswith(base + ".data-"):
             old = os.path.join(directory, name)
-            tf.io.gfile.rename(old, old.replace(
+            fileio.rename(old, old.replace(
                 base, f"{base}.damaged-{int(time.time())}", 1),
                 overwrite=True)
     log(f"Moved the damaged checkpoint {prefix} aside "
@@ -219,17 +242,17 @@ def remove_stale_temporaries(model_dir, log=print):
     `*.tmp-PID-*` files, TensorFlow's `ckpt-N_temp/` folders and
     `checkpoint.tmp*` index files. Call it only while holding the run's lock
     (no other process writes there)."""
-    if not model_dir or not tf.io.gfile.isdir(model_dir):
+    if not model_dir or not fileio.isdir(model_dir):
         return []
     removed = []
-    for name in tf.io.gfile.listdir(model_dir):
+    for name in fileio.listdir(model_dir):
         name = name.rstrip("/")
         path = os.path.join(model_dir, name)
         if _TEMPORARY.search(name):
-            if tf.io.gfile.isdir(path):
-                tf.io.gfile.rmtree(path)
+            if fileio.isdir(path):
+                fileio.rmtree(path)
             else:
-                tf.io.gfile.remove(path)
+                fileio.remove(path)
             removed.append(name)
     if removed:
         log(f"Removed {len(removed)} temporary file(s) left by an "
@@ -330,9 +353,9 @@ class RunLock:
 
     def _read(self):
         try:
-            with tf.io.gfile.GFile(self.path) as f:
+            with fileio.GFile(self.path) as f:
                 text = f.read()
-        except tf.errors.NotFoundError:
+        except FileNotFoundError:
             return None
         try:
             return json.loads(text)
@@ -357,7 +380,7 @@ class RunLock:
 
     def acquire(self):
         """Takes the lock (or a stale one); raises `LockedError`."""
-        tf.io.gfile.makedirs(os.path.dirname(self.path))
+        fileio.makedirs(os.path.dirname(self.path))
         self._started = time.time()
         for _ in range(3):
             if _exclusive_create(self.path, self._content(), self.token):
@@ -424,8 +447,8 @@ class RunLock:
         holder = self._read()
         if holder and holder.get("token") == self.token:
             try:
-                tf.io.gfile.remove(self.path)
-            except tf.errors.NotFoundError:
+                fileio.remove(self.path)
+            except FileNotFoundError:
                 pass
 
 
@@ -452,15 +475,15 @@ def _exclusive_create(path, text, token):
     # starts with `path` for `path` itself.)
     temp = os.path.join(os.path.dirname(path), f"lock-candidate.tmp-"
                         f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with tf.io.gfile.GFile(temp, "w") as f:
+    with fileio.GFile(temp, "w") as f:
         f.write(text)
     try:
-        tf.io.gfile.rename(temp, path, overwrite=False)
-    except tf.errors.OpError:
-        if tf.io.gfile.exists(temp):
-            tf.io.gfile.remove(temp)
+        fileio.rename(temp, path, overwrite=False)
+    except OSError:
+        if fileio.exists(temp):
+            fileio.remove(temp)
         return False
-    with tf.io.gfile.GFile(path) as f:
+    with fileio.GFile(path) as f:
         return token in f.read()
 
 
@@ -486,9 +509,9 @@ def _remove_if_unchanged(path, holder):
     it was read (then the next attempt reads the new holder)."""
     current = None
     try:
-        with tf.io.gfile.GFile(path) as f:
+        with fileio.GFile(path) as f:
             current = f.read()
-    except tf.errors.NotFoundError:
+    except FileNotFoundError:
         return
     try:
         still = json.loads(current) == holder
@@ -496,8 +519,8 @@ def _remove_if_unchanged(path, holder):
         still = holder == {}
     if still:
         try:
-            tf.io.gfile.remove(path)
-        except tf.errors.NotFoundError:
+            fileio.remove(path)
+        except FileNotFoundError:
             pass
 
 

@@ -1,5 +1,10 @@
-"""One training loop for every `tf.distribute` strategy, in the spirit of
-Model Garden's Orbit trainers.
+"""The TensorFlow engine: one training loop for every `tf.distribute`
+strategy, in the spirit of Model Garden's Orbit trainers.
+
+The loop itself (loops of steps, evaluations, checkpoints, preemption,
+divergence, progress lines) is `tpu_scripts.engine.Engine`, which the JAX
+engine (`tpu_scripts.jax_trainer.JaxTrainer`) shares; this module is how a
+step runs under `tf.distribute`.
 
 Keras 3's `Model.fit` does not run under `MultiWorkerMirroredStrategy`
 (keras-team/keras#20585), so the scripts use this loop for every strategy
@@ -24,138 +29,30 @@ instead of `fit` for some and a loop for others:
   learning rate, and the keras_lamb per-variable trust-ratio statistics),
   progress lines with examples/s in the task's unit (images, sequences).
 
-What is model-specific lives in a `Task` (build the model and metrics,
-compute per-example losses, update metrics), so the BERT scripts reuse the
-trainer with their own task.
+What is model-specific lives in a `Task` (`tpu_scripts.tasks`: build the
+model and metrics, compute per-example losses, update metrics), so the BERT
+scripts reuse the trainer with their own task.
 """
 
-import math
 import os
-import re
-import signal
-import threading
 import time
 
 import keras
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
 
-from keras_lamb.layerwise import STAT_NAMES
 from tpu_scripts import distribute, records, run_state
-
-# TensorBoard's scalar format, written with TensorFlow's own summary op so
-# that training does not need the `tensorboard` package (only viewing does).
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-    data_class=summary_pb2.DATA_CLASS_SCALAR,
+from tpu_scripts.engine import (
+    Engine,
+    _PreemptionWatcher,
+    first_line as _first_line,
+    inner_optimizer as _inner_optimizer,
 )
+from tpu_scripts.summaries import NullWriter, create_writer
+# The tasks live in `tpu_scripts.tasks` (shared with the JAX engine).
+from tpu_scripts.tasks import ClassificationTask, Task  # noqa: F401
 
 
-def write_scalar(name, value, step):
-    """Writes one TensorBoard scalar to the default summary writer."""
-    tf.summary.write(
-        name, tf.constant(value, tf.float32), step=step,
-        metadata=_SCALAR_METADATA,
-    )
-
-
-class Task:
-    """The model-specific half of training. Subclass and override.
-
-    A batch is whatever the input function yields (a tuple or dict of
-    per-replica tensors).
-    """
-
-    def build_model(self):
-        """The `keras.Model` (called inside `strategy.scope()`)."""
-        raise NotImplementedError
-
-    def build_metrics(self):
-        """A dict `{name: keras.metrics.Metric}` (inside the scope)."""
-        return {}
-
-    def compute_loss(self, model, batch, training):
-        """`(per_example_loss [per-replica batch], outputs)`.
-
-        Padding examples (evaluation) must already carry zero loss.
-        """
-        raise NotImplementedError
-
-    def example_weights(self, batch):
-        """Per-example weights for the loss metric (`None`: all ones)."""
-        return None
-
-    def regularization_loss(self, model):
-        """A scalar added to the loss once per global batch, or `None`."""
-        return None
-
-    def update_metrics(self, metrics, batch, outputs):
-        """Updates the task's metrics with one per-replica batch."""
-
-
-class ClassificationTask(Task):
-    """Softmax classification on `(images, labels[, weights])` batches.
-
-    Args:
-        model_fn: builds the model, which returns logits.
-        num_classes: number of classes.
-        label_smoothing: float in [0, 1).
-        l2_weight_decay: coefficient of `0.5 * l2 * sum(w**2)` added to the
-            loss (coupled weight decay, as in Goyal et al.; use it with SGD
-            optimizers, not with LARS/LAMB/AdamW, which decay internally).
-        l2_exclude: regular expression of variable paths the L2 term skips.
-    """
-
-    def __init__(self, model_fn, num_classes, label_smoothing=0.0,
-                 l2_weight_decay=0.0, l2_exclude=None):
-        self.model_fn = model_fn
-        self.num_classes = num_classes
-        self.label_smoothing = label_smoothing
-        self.l2_weight_decay = l2_weight_decay
-        self.l2_exclude = re.compile(l2_exclude) if l2_exclude else None
-
-    def build_model(self):
-        return self.model_fn()
-
-    def build_metrics(self):
-        return {"accuracy": keras.metrics.SparseCategoricalAccuracy("accuracy")}
-
-    def compute_loss(self, model, batch, training):
-        images, labels = batch[0], batch[1]
-        logits = tf.cast(model(images, training=training), tf.float32)
-        one_hot = tf.one_hot(labels, self.num_classes)
-        targets = (one_hot * (1 - self.label_smoothing)
-                   + self.label_smoothing / self.num_classes)
-        loss = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
-        weights = self.example_weights(batch)
-        if weights is not None:
-            loss = loss * weights
-        return loss, logits
-
-    def example_weights(self, batch):
-        return batch[2] if len(batch) > 2 else None
-
-    def regularization_loss(self, model):
-        if not self.l2_weight_decay:
-            return None
-        penalties = [
-            tf.nn.l2_loss(tf.cast(v.value, tf.float32))
-            for v in model.trainable_variables
-            if not (self.l2_exclude and self.l2_exclude.search(v.path))
-        ]
-        return self.l2_weight_decay * tf.add_n(penalties)
-
-    def update_metrics(self, metrics, batch, outputs):
-        metrics["accuracy"].update_state(
-            batch[1], outputs, sample_weight=self.example_weights(batch)
-        )
-
-
-def _inner_optimizer(optimizer):
-    return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-class Trainer:
+class Trainer(Engine):
     """Trains `task`'s model under `strategy`; see the module docstring.
 
     Args:
@@ -245,7 +142,7 @@ class Trainer:
             global_step=self.global_step,
         )
         self.checkpoint_manager = None
-        self._train_writer = self._eval_writer = tf.summary.create_noop_writer()
+        self._train_writer = self._eval_writer = NullWriter()
         if model_dir:
             self.checkpoint_manager = tf.train.CheckpointManager(
                 self.checkpoint,
@@ -253,26 +150,19 @@ class Trainer:
                 max_to_keep=max_checkpoints,
             )
             if self.is_chief:
-                self._train_writer = tf.summary.create_file_writer(
-                    os.path.join(model_dir, "train")
-                )
-                self._eval_writer = tf.summary.create_file_writer(
-                    os.path.join(model_dir, "eval")
-                )
+                self._train_writer = create_writer(
+                    os.path.join(model_dir, "train"))
+                self._eval_writer = create_writer(
+                    os.path.join(model_dir, "eval"))
         self._forward_backward = tf.function(
             self._forward_backward_fn, jit_compile=True
         ) if jit_compile else self._forward_backward_fn
         self._train_loop = tf.function(self._train_loop_fn)
         self._eval_loop = tf.function(self._eval_loop_fn)
         self._any_worker = None
-        self._last_save = self._segment_start = time.time()
-        self._on_checkpoint = lambda *a: None
-        self._saved_step = None
         self._all_finite = None
         self._sync_statistics = None
-        self._last_train_results = {}
-        self._record = None
-        self._summaries_off = False
+        self._init_loop_state()
 
     # ------------------------------------------------------------------ steps
 
@@ -417,7 +307,7 @@ class Trainer:
                 self._log(f"Cannot read the checkpoint {prefix}: "
                           f"{_first_line(e)}", flush=True)
                 continue
-            restored = int(self.global_step.numpy())
+            restored = self.current_step()
             if damaged:
                 self._log(f"Restored {prefix} (step {restored}) instead of "
                           f"the damaged {', '.join(damaged)}.", flush=True)
@@ -436,7 +326,7 @@ class Trainer:
                 f"({', '.join(damaged)}). Restore them from a copy, or move "
                 "them away to train from step 0."
             )
-        return int(self.global_step.numpy())
+        return self.current_step()
 
     def _checkpoint_index(self):
         """The `checkpoint` index file's state; `None` when it is missing
@@ -485,7 +375,7 @@ class Trainer:
         except (tf.errors.OpError, OSError) as e:
             raise run_state.FlagError(
                 f"Could not write a checkpoint at step "
-                f"{int(self.global_step.numpy())} to {self.model_dir}: "
+                f"{self.current_step()} to {self.model_dir}: "
                 f"{_first_line(e)}. The previous checkpoint is intact; free "
                 "space (or fix the permissions) and restart to resume."
             ) from None
@@ -536,37 +426,52 @@ class Trainer:
                  for v in variables if "float" in str(v.dtype)]))
         if not bool(self._all_finite()):
             raise run_state.Diverged(
-                int(self.global_step.numpy()),
+                self.current_step(),
                 "a weight is not finite at the checkpoint")
-
-    def _checkpointed(self, now):
-        self._last_save = now
-        self._saved_step = int(self.global_step.numpy())
-        self._on_checkpoint(self._saved_step, now - self._segment_start,
-                            self._last_train_results)
-
-    def learning_rate(self):
-        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
-
-    def _results(self, metrics):
-        # Every worker reads (sync-on-read variables all-reduce on read).
-        return {
-            name: float(keras.ops.convert_to_numpy(m.result()))
-            for name, m in metrics.items()
-        }
-
-    def _write_trust_ratios(self, step):
-        inner = _inner_optimizer(self.optimizer)
-        if not getattr(inner, "track_trust_ratios", False):
-            return
-        for path, values in inner.trust_ratio_stats().items():
-            for stat in STAT_NAMES:  # not `adapted`, a flag
-                if math.isfinite(values[stat]):  # NaN: not updated yet
-                    write_scalar(f"{stat}/{path}", values[stat], step)
 
     def _distribute(self, input_fn, epoch=0, start_step=0):
         return self.strategy.distribute_datasets_from_function(
             lambda ctx: input_fn(ctx, epoch=epoch, start_step=start_step)
+        )
+
+    # --------------------------------------------------------- engine hooks
+
+    def current_step(self):
+        return int(self.global_step.numpy())
+
+    def _train_iterator(self, train_input, epoch, step_in_epoch):
+        return iter(self._distribute(train_input, epoch, step_in_epoch))
+
+    def _run_steps(self, iterator, num_steps):
+        self._train_loop(iterator, tf.constant(num_steps))
+
+    def _translate_error(self, error):
+        # A damaged file met by the input pipeline's own checks
+        # (`tpu_scripts.records`): one `Error:` line naming it.
+        if isinstance(error, tf.errors.OpError):
+            return records.data_error(error)
+        return None
+
+    def _preemption_handler(self):
+        """TensorFlow's handler under `MultiWorkerMirroredStrategy` (off
+        Google Cloud VMs, where it does nothing for CPUs and TPUs): it
+        agrees with the other workers on the step at which all save."""
+        if not isinstance(self.strategy,
+                          tf.distribute.MultiWorkerMirroredStrategy):
+            return None
+        try:
+            from tensorflow.python.distribute.failure_handling import (
+                failure_handling_util as util,
+            )
+        except ImportError:
+            return None
+        if util.detect_platform() in (util.PlatformDevice.GCE_TPU,
+                                      util.PlatformDevice.GCE_CPU):
+            return None
+        return tf.distribute.experimental.PreemptionCheckpointHandler(
+            self.strategy.cluster_resolver, self.checkpoint_manager,
+            termination_config=tf.distribute.experimental.TerminationConfig(
+                exit_fn=_PreemptionWatcher.handler_exit),
         )
 
     # ------------------------------------------------------------ public API
@@ -579,208 +484,6 @@ class Trainer:
         iterator = iter(self._distribute(eval_input))
         self._eval_loop(iterator, tf.constant(eval_input.steps_per_epoch))
         return self._results(self.eval_metrics)
-
-    def train(self, train_input, train_steps, eval_input=None,
-              eval_every_steps=0, checkpoint_every_steps=0,
-              checkpoint_every_seconds=0, on_checkpoint=None, stop_fn=None,
-              record=None):
-        """Trains to `train_steps` global steps, resuming from `model_dir`.
-
-        Args:
-            train_input: input function `(ctx, epoch, start_step)` with a
-                `steps_per_epoch` attribute (see `tpu_scripts.resnet.data`).
-            train_steps: the total number of steps of the run.
-            eval_input: optional evaluation input function.
-            eval_every_steps: evaluate every this many steps (0: at the end).
-            checkpoint_every_steps: save every this many steps (0: at each
-                evaluation and at the end).
-            checkpoint_every_seconds: also save at the first loop boundary
-                this long after the last save (0: never by time). Under
-                `MultiWorkerMirroredStrategy` the workers agree on it.
-            on_checkpoint: called as `on_checkpoint(step, train_seconds,
-                train_metrics)` after every save.
-            stop_fn: optional callable, given the metrics of every
-                evaluation (the final one too); training stops (after a
-                checkpoint) when it returns True.
-            record: optional `run_state.RunRecord`: told of every loop
-                (`loop_finished`), checkpoint (`checkpointed`, unless
-                `on_checkpoint` is given) and divergence (`diverged`).
-
-        On SIGTERM (with a `model_dir`) the run saves a checkpoint at the
-        next loop boundary, the last one included, and raises
-        `run_state.Preempted`; see `_PreemptionWatcher`. A non-finite
-        training loss (or a non-finite weight at a checkpoint) raises
-        `run_state.Diverged` before anything non-finite is saved.
-
-        Returns:
-            A dict: `step`, `train` (last loop's metrics), `eval` (last
-            evaluation's metrics, if any), `stopped_early` (by `stop_fn`),
-            `train_seconds`, `images_per_second` (over the steps run by this
-            process) and `steady_images_per_second` (the same without the
-            first loop, which traces and compiles; `None` after one loop).
-        """
-        for name, value in (("eval_every_steps", eval_every_steps),
-                            ("checkpoint_every_steps", checkpoint_every_steps),
-                            ("checkpoint_every_seconds",
-                             checkpoint_every_seconds),
-                            ("train_steps", train_steps)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0. Received: {value}.")
-        self._record = record
-        if on_checkpoint is None and record is not None:
-            on_checkpoint = record.checkpointed
-        try:
-            return self._train(train_input, train_steps, eval_input,
-                               eval_every_steps, checkpoint_every_steps,
-                               checkpoint_every_seconds, on_checkpoint,
-                               stop_fn)
-        except run_state.Diverged as e:
-            self._log(f"Diverged at step {e.step}: {e.detail}.", flush=True)
-            if record is not None:
-                record.diverged(e.step, e.detail)
-            raise
-        except tf.errors.OpError as e:
-            # A damaged file met by the input pipeline's own checks
-            # (`tpu_scripts.records`): one `Error:` line naming it.
-            error = records.data_error(e)
-            if error is None:
-                raise
-            raise error from None
-
-    def _train(self, train_input, train_steps, eval_input, eval_every_steps,
-               checkpoint_every_steps, checkpoint_every_seconds,
-               on_checkpoint, stop_fn):
-        steps_per_epoch = train_input.steps_per_epoch
-        step = self.restore()
-        start_step, start_time = step, time.time()
-        self._last_save = start_time
-        self._on_checkpoint = on_checkpoint or (lambda *a: None)
-        self._segment_start = start_time
-        train_results, eval_results = {}, {}
-        boundaries = [b for b in (eval_every_steps, checkpoint_every_steps) if b]
-        stopped, evaluated_at = False, None
-        steady_steps, steady_seconds, loops = 0, 0.0, 0
-        with _PreemptionWatcher(self) as watcher:
-            while step < train_steps and not stopped:
-                epoch, step_in_epoch = divmod(step, steps_per_epoch)
-                iterator = iter(
-                    self._distribute(train_input, epoch, step_in_epoch)
-                )
-                epoch_end = min((epoch + 1) * steps_per_epoch, train_steps)
-                while step < epoch_end and not stopped:
-                    stop = min(epoch_end, step + self.steps_per_loop)
-                    for every in boundaries:  # stop at the next eval / save
-                        stop = min(stop, (step // every + 1) * every)
-                    train_results, seconds = self._run_loop(
-                        iterator, step, stop, train_steps, steps_per_epoch
-                    )
-                    self._last_train_results = train_results
-                    loops += 1
-                    if loops > 1:  # the first loop traces and compiles
-                        steady_steps += stop - step
-                        steady_seconds += seconds
-                    step = stop
-                    if self._record is not None:
-                        self._record.loop_finished(
-                            step, time.time() - self._segment_start)
-                    evaluate = eval_input is not None and eval_every_steps and (
-                        step % eval_every_steps == 0 and step < train_steps
-                    )
-                    if evaluate:
-                        eval_results = self._evaluate_and_log(eval_input, step)
-                        evaluated_at = step
-                        stopped = bool(stop_fn and stop_fn(eval_results))
-                    if (checkpoint_every_steps and step % checkpoint_every_steps
-                            == 0) or (evaluate and not checkpoint_every_steps):
-                        self.save()
-                    elif checkpoint_every_seconds and self._all_agree(
-                            time.time() - self._last_save
-                            >= checkpoint_every_seconds):
-                        self.save()
-                    if step < train_steps and not stopped:
-                        watcher.stop_if_preempted(step)
-            train_seconds = time.time() - start_time
-            if self._saved_step != step:  # (rewriting a checkpoint can tear it)
-                self.save()
-            # A SIGTERM during the last loop or the final save: the
-            # checkpoint is there; stop before the final evaluation.
-            watcher.stop_if_preempted(step)
-            if eval_input is not None and evaluated_at != step:
-                eval_results = self._evaluate_and_log(eval_input, step)
-                if stop_fn:
-                    stop_fn(eval_results)
-        self._flush_summaries()
-        steps_run = step - start_step
-        return {
-            "step": step,
-            "train": train_results,
-            "eval": eval_results,
-            "stopped_early": stopped,
-            "train_seconds": train_seconds,
-            "images_per_second": (
-                steps_run * self.global_batch_size / train_seconds
-                if steps_run else 0.0
-            ),
-            "steady_images_per_second": (
-                steady_steps * self.global_batch_size / steady_seconds
-                if steady_steps else None
-            ),
-        }
-
-    def _flush_summaries(self):
-        for writer in (self._train_writer, self._eval_writer):
-            self._summaries(writer.flush)
-
-    def _summaries(self, write, *args):
-        """Runs a TensorBoard write; a failure (a full disk) is reported
-        once and turns summaries off instead of stopping the run."""
-        if self._summaries_off:
-            return
-        try:
-            write(*args)
-        except (tf.errors.OpError, OSError) as e:
-            self._summaries_off = True
-            self._log(f"TensorBoard summaries stopped: writing to "
-                      f"{self.model_dir} failed ({_first_line(e)}). "
-                      "Training goes on.", flush=True)
-
-    def _run_loop(self, iterator, step, stop, train_steps, steps_per_epoch):
-        """Runs steps `step..stop`, logs and writes summaries; returns the
-        loop's metrics and its seconds."""
-        for m in self.train_metrics.values():
-            m.reset_state()
-        loop_start = time.time()
-        self._train_loop(iterator, tf.constant(stop - step))
-        # At every loop boundary, where a preemption may save: a resumed
-        # run then holds exactly what an uninterrupted one does.
-        self._sync_replica_statistics()
-        train_results = self._results(self.train_metrics)  # syncs
-        seconds = time.time() - loop_start
-        images_per_second = (stop - step) * self.global_batch_size / seconds
-        learning_rate = self.learning_rate()
-        self._log(
-            f"step {stop}/{train_steps} epoch {stop / steps_per_epoch:.2f} "
-            + " ".join(f"{k} {v:.4f}" for k, v in train_results.items())
-            + f" lr {learning_rate:.4g} {images_per_second:.0f} {self.unit}/s",
-            flush=True,
-        )
-        loss = train_results.get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise run_state.Diverged(
-                stop, f"the training loss of steps {step + 1}-{stop} is "
-                f"{loss} (learning rate {learning_rate:.4g})")
-        self._summaries(self._write_loop_summaries, train_results,
-                        learning_rate, images_per_second, stop)
-        return train_results, seconds
-
-    def _write_loop_summaries(self, train_results, learning_rate,
-                              images_per_second, stop):
-        with self._train_writer.as_default():
-            for name, value in train_results.items():
-                write_scalar(name, value, stop)
-            write_scalar("learning_rate", learning_rate, stop)
-            write_scalar(f"{self.unit}_per_second", images_per_second, stop)
-            self._write_trust_ratios(stop)
 
     def _all_agree(self, flag):
         """`flag` on every worker if it is true on any (a time-based save is
@@ -795,118 +498,3 @@ class Trainer:
                 self.strategy.run(lambda: tf.identity(x)), axis=None,
             ))
         return bool(self._any_worker(tf.constant(float(flag))) > 0)
-
-    def _evaluate_and_log(self, eval_input, step):
-        results = self.evaluate(eval_input)
-        self._log(
-            f"eval at step {step}: "
-            + " ".join(f"{k} {v:.4f}" for k, v in results.items()),
-            flush=True,
-        )
-        self._summaries(self._write_eval_summaries, results, step)
-        return results
-
-    def _write_eval_summaries(self, results, step):
-        with self._eval_writer.as_default():
-            for name, value in results.items():
-                write_scalar(name, value, step)
-
-
-def _first_line(error):
-    """The first line of an error's message (TensorFlow's carry a
-    traceback of graph ops after it)."""
-    text = getattr(error, "message", None) or str(error)
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text).strip()
-    return text.splitlines()[0] if text else repr(error)
-
-
-class _HandlerExit(Exception):
-    """Raised by PreemptionCheckpointHandler's exit function."""
-
-
-class _PreemptionWatcher:
-    """Saves a checkpoint and stops the run on SIGTERM (a context manager
-    around the training loop).
-
-    Under `MultiWorkerMirroredStrategy` (off Google Cloud VMs, where
-    TensorFlow's handler does nothing for CPUs and TPUs) TensorFlow's
-    `tf.distribute.experimental.PreemptionCheckpointHandler` watches: it
-    agrees with the other workers on the step at which all of them save.
-    Every other strategy runs in one process per host loop: a SIGTERM handler
-    sets a flag, and at the next loop boundary the trainer saves. Either way
-    `stop_if_preempted` then raises `run_state.Preempted`. Nothing is watched
-    without a `model_dir` or outside the main thread.
-    """
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.handler = None
-        self.signalled = False
-        self._previous = None
-
-    def __enter__(self):
-        trainer = self.trainer
-        main_thread = threading.current_thread() is threading.main_thread()
-        if trainer.checkpoint_manager is None or not main_thread:
-            return self
-        if self._tensorflow_handler_applies():
-            self.handler = (
-                tf.distribute.experimental.PreemptionCheckpointHandler(
-                    trainer.strategy.cluster_resolver,
-                    trainer.checkpoint_manager,
-                    termination_config=tf.distribute.experimental
-                    .TerminationConfig(exit_fn=self._handler_exit),
-                )
-            )
-        else:
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
-
-    def _tensorflow_handler_applies(self):
-        if not isinstance(self.trainer.strategy,
-                          tf.distribute.MultiWorkerMirroredStrategy):
-            return False
-        try:
-            from tensorflow.python.distribute.failure_handling import (
-                failure_handling_util as util,
-            )
-        except ImportError:
-            return False
-        return util.detect_platform() not in (util.PlatformDevice.GCE_TPU,
-                                              util.PlatformDevice.GCE_CPU)
-
-    @staticmethod
-    def _handler_exit():
-        raise _HandlerExit()
-
-    def _on_sigterm(self, signum, frame):
-        self.signalled = True
-        self.trainer._log("SIGTERM: saving a checkpoint at the end of this "
-                          "loop, then stopping.", flush=True)
-
-    def stop_if_preempted(self, step):
-        """Saves and raises `run_state.Preempted` if a SIGTERM came."""
-        trainer = self.trainer
-        if self.handler is not None:
-            try:
-                self.handler.save_checkpoint_if_preempted(
-                    checkpoint_number=trainer.global_step
-                )
-            except _HandlerExit:
-                trainer._checkpointed(time.time())
-                self._stop(step)
-            return
-        if self.signalled:
-            if trainer._saved_step != step:
-                trainer.save()
-            self._stop(step)
-
-    def _stop(self, step):
-        self.trainer._log(f"Preempted: saved a checkpoint at step {step}; "
-                          "a restart continues from it.", flush=True)
-        raise run_state.Preempted(step)

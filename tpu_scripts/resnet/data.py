@@ -21,7 +21,8 @@ import struct
 import zlib
 
 import numpy as np
-import tensorflow as tf
+
+from tpu_scripts import fileio
 
 # Debian's `dataset-fashion-mnist` package installs the IDX files here.
 SYSTEM_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -48,7 +49,7 @@ _IDX_DTYPES = {
 
 def read_idx(path):
     """Reads an IDX file (optionally gzip-compressed; any path
-    `tf.io.gfile` reads, `gs://` included) into a numpy array.
+    `tpu_scripts.fileio` reads, `gs://` included) into a numpy array.
 
     The format: two zero bytes, a type byte, a byte with the number of
     dimensions `n`, then `n` big-endian uint32 sizes (so 16 header bytes for
@@ -56,7 +57,7 @@ def read_idx(path):
     """
     from tpu_scripts import run_state
 
-    with tf.io.gfile.GFile(path, "rb") as f:  # local, gs://, ...
+    with fileio.GFile(path, "rb") as f:  # local, gs://, ...
         data = f.read()
     if path.endswith(".gz"):
         try:
@@ -98,14 +99,14 @@ def write_idx(path, array):
     data = header + array.tobytes()
     if path.endswith(".gz"):
         data = gzip.compress(data, mtime=0)
-    with tf.io.gfile.GFile(path, "wb") as f:
+    with fileio.GFile(path, "wb") as f:
         f.write(data)
 
 
 def write_fashion_mnist(data_dir, train, test):
     """Writes `(images [N, H, W], labels [N])` pairs as the four
     Fashion-MNIST IDX files (`*.gz`) in `data_dir`."""
-    tf.io.gfile.makedirs(data_dir)
+    fileio.makedirs(data_dir)
     for split, (images, labels) in (("train", train), ("test", test)):
         image_stem, label_stem = FASHION_MNIST_FILES[split]
         write_idx(os.path.join(data_dir, image_stem + ".gz"), images)
@@ -115,7 +116,7 @@ def write_fashion_mnist(data_dir, train, test):
 def _idx_path(data_dir, stem):
     for name in (stem + ".gz", stem):
         path = os.path.join(data_dir, name)
-        if tf.io.gfile.exists(path):
+        if fileio.exists(path):
             return path
     return None
 
@@ -173,6 +174,7 @@ def resolve_augmentation(augmentation, image_size):
 
 def normalize(image, channels):
     """uint8/float image on the 0-255 scale -> standardised float32."""
+    import tensorflow as tf
     mean, std = IMAGENET_MEAN_STD if channels == 3 else GREY_MEAN_STD
     image = tf.cast(image, tf.float32)
     return (image - tf.constant(mean[:channels])) / tf.constant(std[:channels])
@@ -182,6 +184,7 @@ def random_resized_crop(image, seed, image_size, area=(0.08, 1.0),
                         aspect_ratio=(3 / 4, 4 / 3)):
     """The ImageNet training crop (Inception / ResNet): a random box covering
     8-100 % of the area with aspect ratio in [3/4, 4/3], resized."""
+    import tensorflow as tf
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -199,6 +202,7 @@ def random_resized_crop(image, seed, image_size, area=(0.08, 1.0),
 def center_crop(image, image_size, crop_fraction=0.875):
     """The ImageNet evaluation crop: resize the short side to
     `image_size / crop_fraction`, then take the central square."""
+    import tensorflow as tf
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = image_size / crop_fraction / tf.reduce_min(shape)
     resized = tf.cast(tf.round(shape * scale), tf.int32)
@@ -211,6 +215,7 @@ def center_crop(image, image_size, crop_fraction=0.875):
 
 def preprocess_train(image, seed, image_size, augmentation):
     """One training image (uint8 HWC) -> float32 `[image_size]*2 + [C]`."""
+    import tensorflow as tf
     channels = image.shape[-1]
     if augmentation == "imagenet":
         crop_seed, flip_seed = tf.unstack(
@@ -238,6 +243,7 @@ def preprocess_train(image, seed, image_size, augmentation):
 
 
 def preprocess_eval(image, image_size, augmentation):
+    import tensorflow as tf
     channels = image.shape[-1]
     if augmentation == "imagenet":
         image = center_crop(image, image_size)
@@ -249,6 +255,7 @@ def preprocess_eval(image, image_size, augmentation):
 
 
 def _resize_if_needed(image, image_size):
+    import tensorflow as tf
     if image.shape[0] == image_size and image.shape[1] == image_size:
         return image
     return tf.image.resize(image, [image_size, image_size], "bilinear")
@@ -315,6 +322,7 @@ class ArrayInput(InputSpec):
         self.seed = seed
 
     def __call__(self, input_context=None, epoch=0, start_step=0):
+        import tensorflow as tf
         per_replica, replicas, pipelines, pipeline_id = _pipeline_share(
             input_context, self.global_batch_size
         )
@@ -375,6 +383,82 @@ class ArrayInput(InputSpec):
         options.deterministic = True
         return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
+    def numpy_batches(self, epoch=0, start_step=0, process_count=1,
+                      process_index=0):
+        """This process's share of each global batch of `epoch` from batch
+        `start_step` on, as NumPy (the JAX engine; no TensorFlow): the same
+        examples in the same order as `__call__` gives one replica. `None`
+        where only the `tf.data` pipeline can (resizing, `imagenet`
+        augmentation)."""
+        if self.image_size != self.images.shape[1] or (
+                self.augmentation == "imagenet"):
+            return None
+        return self._numpy_batches(epoch, start_step, *process_share(
+            self.global_batch_size, process_count, process_index))
+
+    def _numpy_batches(self, epoch, start_step, start, stop):
+        batch, n = self.global_batch_size, self.num_examples
+        steps = self.steps_per_epoch
+        if self.training:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        else:
+            order = np.arange(steps * batch)
+        for step in range(start_step, steps):
+            indices = order[step * batch:(step + 1) * batch]
+            if not self.training:
+                real = indices < n
+                safe = np.minimum(indices, n - 1)[start:stop]
+                yield (normalize_numpy(self.images[safe]),
+                       np.where(real[start:stop], self.labels[safe], 0),
+                       real[start:stop].astype(np.float32))
+                continue
+            images = self.images[indices]
+            if self.augmentation == "pad_crop_flip":
+                # Drawn for the whole global batch, then shared out: the
+                # same crops for any number of processes; resumable.
+                images = pad_crop_flip_numpy(images, np.random.default_rng(
+                    [self.seed, epoch, step]))
+            yield (normalize_numpy(images[start:stop]),
+                   self.labels[indices][start:stop])
+
+
+def process_share(global_batch_size, process_count, process_index):
+    """`(start, stop)` of this process's examples within a global batch
+    (the JAX engine: each host feeds its own contiguous share)."""
+    if global_batch_size % process_count:
+        from tpu_scripts import run_state
+
+        raise run_state.FlagError(
+            f"The batch of {global_batch_size} is not divisible by the "
+            f"{process_count} processes; use a multiple of {process_count}.")
+    share = global_batch_size // process_count
+    return process_index * share, (process_index + 1) * share
+
+
+def normalize_numpy(images):
+    """`normalize` in NumPy (the same float32 arithmetic)."""
+    channels = images.shape[-1]
+    mean, std = IMAGENET_MEAN_STD if channels == 3 else GREY_MEAN_STD
+    return ((images.astype(np.float32) - np.float32(mean[:channels]))
+            / np.float32(std[:channels]))
+
+
+def pad_crop_flip_numpy(images, rng):
+    """The `pad_crop_flip` augmentation of a batch in NumPy: zero padding of
+    `max(2, size // 8)`, a random crop back to the size, a random
+    horizontal flip. `rng` draws each example's crop and flip."""
+    n, height, width = images.shape[:3]
+    pad = max(2, height // 8)
+    padded = np.pad(images, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    top = rng.integers(0, 2 * pad + 1, n)
+    left = rng.integers(0, 2 * pad + 1, n)
+    flip = rng.random(n) < 0.5
+    rows = top[:, None] + np.arange(height)[None, :]
+    cols = left[:, None] + np.arange(width)[None, :]
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None],
+                  cols[:, None, :]]
+
 
 class TFDSInput(InputSpec):
     """Input function over a TFDS dataset (`imagenet2012`, `imagenette`,
@@ -409,6 +493,7 @@ class TFDSInput(InputSpec):
                           if split in info.splits else 1)
 
     def __call__(self, input_context=None, epoch=0, start_step=0):
+        import tensorflow as tf
         import tensorflow_datasets as tfds
 
         per_replica, replicas, pipelines, pipeline_id = _pipeline_share(

@@ -41,7 +41,6 @@ image crosses from the host: the throughput mode of Model Garden and MLPerf.
 """
 
 import numpy as np
-import tensorflow as tf
 
 from tpu_scripts import records, run_state
 from tpu_scripts.resnet import data
@@ -59,6 +58,7 @@ def expand_globs(patterns, flag="--train_files"):
     Raises `run_state.FlagError` (a `ValueError`) naming `flag` when
     nothing is given or a glob matches no file.
     """
+    import tensorflow as tf
     if isinstance(patterns, str):
         patterns = patterns.split(",")
     patterns = [p.strip() for p in patterns if p.strip()]
@@ -142,14 +142,17 @@ def resolve_count(files, num_examples, files_flag, count_flag, log=None,
 
 
 def _bytes(value):
+    import tensorflow as tf
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
 
 def _ints(*values):
+    import tensorflow as tf
     return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
 
 
 def _floats(*values):
+    import tensorflow as tf
     return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
 
 
@@ -157,6 +160,7 @@ def make_example(jpeg, label, height, width, synset="n00000000",
                  filename="image.JPEG"):
     """A `tf.train.Example` in the layout of the TPU / Model Garden ImageNet
     conversion tools (`label` 1-based)."""
+    import tensorflow as tf
     return tf.train.Example(features=tf.train.Features(feature={
         "image/encoded": _bytes(jpeg),
         "image/format": _bytes(b"JPEG"),
@@ -179,6 +183,7 @@ def make_example(jpeg, label, height, width, synset="n00000000",
 def write_shards(directory, prefix, images, labels, num_shards):
     """Writes uint8 HWC `images` with 1-based `labels` as JPEG records in
     `num_shards` files `{prefix}-0000i-of-0000n`; returns the paths."""
+    import tensorflow as tf
     paths = []
     for shard, indices in enumerate(
             np.array_split(np.arange(len(images)), num_shards)):
@@ -202,6 +207,7 @@ def write_shards(directory, prefix, images, labels, num_shards):
 def decode_train(encoded, seed, image_size):
     """JPEG bytes -> a random-resized-crop, flipped, normalised float32
     `[image_size, image_size, 3]` image; `seed` is a stateless seed."""
+    import tensorflow as tf
     crop_seed, flip_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 2)
     )
@@ -238,6 +244,7 @@ def decode_train(encoded, seed, image_size):
 
 def decode_eval(encoded, image_size):
     """JPEG bytes -> the normalised central crop (ratio 0.875)."""
+    import tensorflow as tf
     # decode_jpeg also decodes PNG and GIF; training's decode_and_crop_jpeg
     # does not. Both reject what is not a JPEG.
     encoded = _checked(encoded, [(tf.io.is_jpeg(encoded), "not a JPEG")])
@@ -256,6 +263,7 @@ def _or_failed(fn, args, failed_value):
     (a decode error of TensorFlow names neither) and swallows nothing
     upstream. Costs ~0.1 ms of host CPU per record.
     """
+    import tensorflow as tf
     attempt = tf.data.Dataset.from_tensors(args).map(
         lambda *a: (fn(*a), tf.constant(True))
     ).ignore_errors()
@@ -264,6 +272,7 @@ def _or_failed(fn, args, failed_value):
 
 
 def _where(flag, file, record):
+    import tensorflow as tf
     return tf.strings.join([
         records.MARKER, flag, ": ", file, ", record ",
         tf.strings.as_string(record), ": ",
@@ -272,6 +281,7 @@ def _where(flag, file, record):
 
 def _checked(value, checks):
     """`value` once every `(condition, message)` of `checks` holds."""
+    import tensorflow as tf
     asserts = [tf.debugging.Assert(condition, [message])
                for condition, message in checks]
     with tf.control_dependencies(asserts):
@@ -346,6 +356,7 @@ class TFRecordInput(data.InputSpec):
         a fixed order, read in parallel; a file that is truncated or
         corrupt stops the input with an error naming it and the record
         (`records.checked_records`)."""
+        import tensorflow as tf
         flag = self.files_flag
 
         def read(file, size):
@@ -362,6 +373,7 @@ class TFRecordInput(data.InputSpec):
 
     def _parse(self, file, record, serialized):
         """`(jpeg bytes, 0-based label)`, checked."""
+        import tensorflow as tf
         features = tf.io.parse_single_example(serialized, {
             ENCODED_KEY: tf.io.FixedLenFeature([], tf.string, ""),
             LABEL_KEY: tf.io.FixedLenFeature([], tf.int64, -1),
@@ -382,6 +394,7 @@ class TFRecordInput(data.InputSpec):
         return encoded, tf.cast(label - 1, tf.int32)
 
     def _decode(self, fn, args, file, record):
+        import tensorflow as tf
         size = self.image_size
         image, decoded = _or_failed(fn, args, tf.zeros([size, size, 3]))
         return _checked(image, [(decoded, tf.strings.join([
@@ -390,6 +403,7 @@ class TFRecordInput(data.InputSpec):
 
     def _training(self, epoch, start_step, per_replica, replicas, pipelines,
                   pipeline_id):
+        import tensorflow as tf
         files = np.array(self.files)
         files = files[np.random.default_rng([self.seed, epoch]).permutation(
             len(files))]
@@ -433,6 +447,7 @@ class TFRecordInput(data.InputSpec):
     def _evaluation(self, per_replica, replicas, pipelines, pipeline_id):
         # Examples, not files, are sharded: each pipeline's share is known
         # from the count alone, and padding fills it up to whole batches.
+        import tensorflow as tf
         ds = self._records(self.files)
         if pipelines > 1:
             ds = ds.shard(pipelines, pipeline_id)
@@ -459,6 +474,7 @@ class TFRecordInput(data.InputSpec):
         """`ds` (this pipeline's `share` records), each record let through
         only once the next one (or the end) has been seen: a count that is
         too small or too large is an error before the last record leaves."""
+        import tensorflow as tf
         end = tf.data.Dataset.from_tensors(
             (tf.constant(""), tf.constant(-1, tf.int64), tf.constant(""),
              tf.constant(True))
@@ -491,6 +507,7 @@ class TFRecordInput(data.InputSpec):
 
 
 def _deterministic(ds):
+    import tensorflow as tf
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
@@ -514,6 +531,7 @@ class SyntheticInput(data.InputSpec):
         self.seed = seed
 
     def __call__(self, input_context=None, epoch=0, start_step=0):
+        import tensorflow as tf
         per_replica, replicas, pipelines, pipeline_id = data._pipeline_share(
             input_context, self.global_batch_size
         )
@@ -536,10 +554,57 @@ class SyntheticInput(data.InputSpec):
         ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
         return _deterministic(ds.batch(per_replica, drop_remainder=True))
 
+    def numpy_batches(self, epoch=0, start_step=0, process_count=1,
+                      process_index=0):
+        """This process's share of each global batch, as NumPy (the JAX
+        engine; no TensorFlow): example indices (int32) and labels (plus
+        weights for evaluation); the images are made on the device."""
+        start, stop = data.process_share(self.global_batch_size,
+                                         process_count, process_index)
+        return self._numpy_batches(epoch, start_step, start, stop)
+
+    def _numpy_batches(self, epoch, start_step, start, stop):
+        batch, n = self.global_batch_size, self.num_examples
+        for step in range(start_step, self.steps_per_epoch):
+            first = (epoch * self.steps_per_epoch + step) * batch
+            indices = np.arange(first + start, first + stop, dtype=np.int64)
+            if indices[-1] >= 2 ** 31:
+                raise run_state.FlagError(
+                    "Synthetic data on JAX numbers examples in int32: "
+                    f"{indices[-1]} examples is past it. Lower --epochs or "
+                    "--num_train_examples.")
+            labels = synthetic_labels(indices, self.seed, self.num_classes)
+            if self.training:
+                yield indices.astype(np.int32), labels
+            else:
+                yield (indices.astype(np.int32), labels,
+                       (indices < n).astype(np.float32))
+
+
+def synthetic_labels(indices, seed, num_classes):
+    """Labels of synthetic examples, a hash of `(seed, index)` (NumPy: the
+    JAX engine's input; the TensorFlow pipeline draws its own)."""
+    x = (indices.astype(np.uint64) + np.uint64(seed) * np.uint64(
+        0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    # splitmix64's finaliser
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(num_classes)).astype(np.int32)
+
 
 def synthetic_images(indices, image_size, seed=0):
     """Random normal images `[len(indices), size, size, 3]` (the statistics
     of normalised images), made where this runs (on the device)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        key = jax.random.fold_in(jax.random.key(seed), indices[0])
+        return jax.random.normal(
+            key, (indices.shape[0], image_size, image_size, 3))
+    import tensorflow as tf
     return tf.random.stateless_normal(
         [tf.shape(indices)[0], image_size, image_size, 3],
         tf.stack([tf.constant(seed, tf.int64), indices[0]]),

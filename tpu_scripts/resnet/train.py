@@ -40,9 +40,9 @@ import time
 if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
     sys.path.insert(0, os.path.abspath(
         os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
-if __name__ == "__main__":  # a script needs TensorFlow (tf.distribute)
+if __name__ == "__main__":  # TensorFlow unless KERAS_BACKEND=jax
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from absl import app, flags  # noqa: E402
 
@@ -402,9 +402,9 @@ def check_data_flags(flags_):
             expand_globs(flags_.eval_files, "--eval_files")
     uses_data_dir = not (flags_.synthetic_data or flags_.train_files)
     if uses_data_dir and flags_.data_dir:
-        import tensorflow as tf
+        from tpu_scripts import fileio
 
-        if not tf.io.gfile.isdir(flags_.data_dir):
+        if not fileio.isdir(flags_.data_dir):
             hint = ("for a TFDS download, create it first, or leave "
                     "--data_dir out")
             if flags_.dataset == "fashion_mnist":
@@ -773,6 +773,7 @@ def flag_values_dict(flags_):
 # runs, what it logs): everything else is the run's identity.
 NOT_IDENTITY_FLAGS = (
     "strategy", "tpu", "num_cpu_devices", "collective", "jit_compile",
+    "jax_num_processes", "jax_coordinator_address", "jax_process_id",
     "eval_split", "eval_batch_size", "eval_examples", "steps_per_loop",
     "eval_every", "epochs_between_evals", "checkpoint_every",
     "checkpoint_every_minutes",
@@ -850,16 +851,16 @@ class EvaluationLog:
     """The `stop_fn` of `Trainer.train`: records every evaluation and
     whether (and when) top-1 first reached `target` (0: no target)."""
 
-    def __init__(self, target, global_step, steps_per_epoch, start_time):
+    def __init__(self, target, current_step, steps_per_epoch, start_time):
         self.target = target
-        self.global_step = global_step
+        self.current_step = current_step
         self.steps_per_epoch = steps_per_epoch
         self.start_time = start_time
         self.evaluations = []
         self.reached_at = None
 
     def __call__(self, eval_results):
-        step = int(self.global_step.numpy())
+        step = self.current_step()
         record = dict(
             step=step, epoch=step / self.steps_per_epoch,
             wall_seconds=time.time() - self.start_time, **eval_results,
@@ -903,7 +904,7 @@ def check_target_flags(flags_, eval_input):
 
 
 def build_task(flags_, input_shape, num_classes, plan):
-    from tpu_scripts.trainer import ClassificationTask
+    from tpu_scripts.tasks import ClassificationTask
 
     task = ClassificationTask(
         build_model_fn(flags_, input_shape, num_classes), num_classes,
@@ -920,42 +921,29 @@ def build_task(flags_, input_shape, num_classes, plan):
 
 def run(flags_, log=print):
     """Trains and evaluates as the flags say; returns the results dict."""
-    import tensorflow as tf
-
     from tpu_scripts import run_state
 
     start = time.time()
     validate_flags(flags_)
-    distribute.configure_cpu_devices(flags_.num_cpu_devices)  # before all
-    if flags_.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
-                                       flags_.collective)
-    distribute.set_mixed_precision(flags_.mixed_precision)
-    import keras
-
-    from tpu_scripts.trainer import Trainer
-
-    keras.utils.set_random_seed(flags_.seed)
-    is_chief = distribute.is_chief(strategy)
-    log = log if is_chief else (lambda *a, **k: None)
+    runtime = distribute.setup(flags_, deterministic=flags_.deterministic)
+    distribute.set_random_seed(flags_.seed)
+    log = log if runtime.is_chief else (lambda *a, **k: None)
     global_batch_size = flags_.global_batch_size
-    distribute.per_replica_batch_size(global_batch_size,
-                                      strategy.num_replicas_in_sync)
+    distribute.per_replica_batch_size(global_batch_size, runtime.num_replicas)
     eval_batch_size = flags_.eval_batch_size or global_batch_size
     distribute.per_replica_batch_size(  # == the global batch if unset
-        eval_batch_size, strategy.num_replicas_in_sync, "eval_batch_size")
+        eval_batch_size, runtime.num_replicas, "eval_batch_size")
     record = run_state.RunRecord(
         flags_.model_dir, run_identity(flags_), results_path(flags_),
-        flags_.allow_changed_flags, is_chief, log,
+        flags_.allow_changed_flags, runtime.is_chief, log,
     )
     finished = record.start()
     if finished is not None:
         return finished
-    log(f"Strategy: {flags_.strategy} ({type(strategy).__name__}), "
-        f"{strategy.num_replicas_in_sync} replicas; global batch "
+    log(f"Engine: {runtime.engine}; strategy {flags_.strategy} "
+        f"({runtime.name}), {runtime.num_replicas} replicas; global batch "
         f"{global_batch_size}, "
-        f"{global_batch_size // strategy.num_replicas_in_sync} per replica.")
+        f"{global_batch_size // runtime.num_replicas} per replica.")
     train_input, eval_input, input_shape, num_classes = build_inputs(
         flags_, global_batch_size, eval_batch_size, log=log
     )
@@ -972,14 +960,18 @@ def run(flags_, log=print):
         settings, global_batch_size=global_batch_size,
         train_steps=train_steps, steps_per_epoch=steps_per_epoch,
         train_examples=getattr(train_input, "num_examples", None),
-        label_smoothing=plan["label_smoothing"]))
-    trainer = Trainer(
-        strategy, build_task(flags_, input_shape, num_classes, plan),
+        label_smoothing=plan["label_smoothing"],
+        # Only JAX runs name their engine, so the plans of runs made before
+        # there were two engines still match; either engine refuses the
+        # other's --model_dir (their checkpoints differ).
+        **({"engine": "jax"} if runtime.engine == "jax" else {})))
+    trainer = runtime.trainer(
+        build_task(flags_, input_shape, num_classes, plan),
         plan["optimizer_fn"], global_batch_size,
         model_dir=flags_.model_dir, steps_per_loop=flags_.steps_per_loop,
         jit_compile=flags_.jit_compile, log=log,
     )
-    evaluations = EvaluationLog(flags_.target_accuracy, trainer.global_step,
+    evaluations = EvaluationLog(flags_.target_accuracy, trainer.current_step,
                                 steps_per_epoch, start)
     eval_every_steps = 0
     if flags_.epochs_between_evals:
@@ -1013,7 +1005,8 @@ def run(flags_, log=print):
         if flags_.model_dir else outcome["images_per_second"],
         # This process, without its first (compiling) loop.
         "steady_images_per_second": outcome["steady_images_per_second"],
-        "num_replicas": strategy.num_replicas_in_sync,
+        "num_replicas": runtime.num_replicas,
+        "engine": runtime.engine,
         "model": flags_.model,
         "data": ("synthetic" if flags_.synthetic_data
                  else "tfrecords" if flags_.train_files else flags_.dataset),

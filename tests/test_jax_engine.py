@@ -1,0 +1,368 @@
+"""The training scripts' JAX engine (`tpu_scripts.jax_trainer`).
+
+Runs on Keras's JAX backend with 8 virtual CPU devices: `test_jax_backend.py`
+starts this module in such a process (and once more with `import tensorflow`
+failing, where the tests marked `no_tensorflow_needed` must pass too).
+
+- `DataParallel` over 8 devices equals one device, for LARS and for LAMB with
+  `global_clipnorm` and gradient accumulation (the trainer's own);
+- the ResNet script on JAX: small ResNet on in-memory data, ResNet-50 v1.5 on
+  synthetic data; kill -9 and SIGTERM, then a restart, end bit for bit where
+  an uninterrupted run does; a damaged newest checkpoint falls back to the
+  previous one; flags of the other engine are one error line.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import BACKEND
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SCRIPT = os.path.join(ROOT, "tpu_scripts", "resnet", "train.py")
+DEVICES = 8
+TENSORFLOW_BLOCKED = "tensorflow" in sys.modules and (
+    sys.modules["tensorflow"] is None)
+
+
+def device_count():
+    if BACKEND != "jax":
+        return 0
+    import jax
+
+    return jax.device_count()
+
+
+pytestmark = pytest.mark.skipif(
+    device_count() < DEVICES,
+    reason="needs the JAX backend with 8 devices; run by "
+    "test_jax_backend.py::test_jax_engine",
+)
+
+# 8 devices against one, float32: the all-reduced gradient and the batch-norm
+# moments are sums in another order; LARS's and LAMB's trust ratios divide
+# by norms of those. Measured differences after 6 steps: below 2e-6.
+DATA_PARALLEL_TOLERANCE = dict(rtol=2e-5, atol=2e-6)
+
+
+def write_data(path):
+    from tpu_scripts.resnet import data
+
+    rng = np.random.default_rng(0)
+    data.write_fashion_mnist(
+        path,
+        (rng.integers(0, 256, (64, 8, 8)), rng.integers(0, 10, 64)),
+        (rng.integers(0, 256, (32, 8, 8)), rng.integers(0, 10, 32)),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_data(str(tmp_path_factory.mktemp("fashion_mnist")))
+
+
+def small_run_flags(data_dir, **overrides):
+    values = dict(
+        dataset="fashion_mnist", data_dir=data_dir, model="small_resnet",
+        small_resnet_widths="4,8", small_resnet_blocks=1,
+        global_batch_size=16, optimizer="lars", learning_rate=2.0,
+        warmup_epochs=0.5, steps_per_loop=2, seed=1, train_steps=6,
+        track_trust_ratios=False,
+    )
+    values.update(overrides)
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def run_script(argv, log=None):
+    """The ResNet script's `run()` in this process."""
+    from absl import flags
+
+    from tpu_scripts.resnet import train
+
+    values = flags.FlagValues()
+    train.define_flags(values)
+    values(["train"] + argv)
+    lines = [] if log is None else log
+    return train.run(values, log=lambda *a, **k: lines.append(str(a[0])))
+
+
+def checkpoint_arrays(model_dir):
+    """The newest checkpoint of the JAX engine in `model_dir`, flattened to
+    `{path: numpy array}`."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from tpu_scripts import run_state
+
+    _, path = run_state.list_jax_checkpoints(model_dir)[-1]
+    tree = ocp.StandardCheckpointer().restore(
+        os.path.join(os.path.abspath(path), "default"))
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+# ----------------------------------------------------------------------------
+# DataParallel(8) equals one device
+
+
+def _train_library(distribution, optimizer, accumulation, data):
+    """6 steps of a small ResNet with `JaxTrainer`; returns its weights."""
+    from tpu_scripts.jax_trainer import JaxTrainer
+    from tpu_scripts.resnet import data as resnet_data
+    from tpu_scripts.resnet import models
+    from tpu_scripts.tasks import ClassificationTask
+
+    images, labels = data
+    keras.utils.set_random_seed(3)
+    task = ClassificationTask(
+        lambda: models.small_resnet((8, 8, 1), 10, widths=[4, 8],
+                                    blocks_per_stage=1), 10)
+    trainer = JaxTrainer(task, optimizer, 32, distribution=distribution,
+                         steps_per_loop=3, log=lambda *a, **k: None,
+                         gradient_accumulation_steps=accumulation)
+    train_input = resnet_data.ArrayInput(images, labels, 32, True,
+                                         augmentation="pad_crop_flip")
+    outcome = trainer.train(train_input, 6)
+    return outcome, [np.asarray(v.value) for v in trainer.model.weights] + [
+        np.asarray(v.value) for v in trainer.optimizer.variables]
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb_clipnorm_accumulation"])
+def test_data_parallel_over_8_devices_equals_one_device(name):
+    import jax
+
+    import keras_lamb
+
+    optimizers = {
+        "lars": (lambda: keras_lamb.LARS(
+            learning_rate=1.0, momentum=0.9, weight_decay=1e-4,
+            exclude_from_weight_decay="bn|bias",
+            exclude_from_layer_adaptation="bn|bias"), 1),
+        "lamb_clipnorm_accumulation": (lambda: keras_lamb.LAMB(
+            learning_rate=0.01, weight_decay=0.01, global_clipnorm=0.5,
+            exclude_from_weight_decay="bn|bias"), 2),
+    }
+    optimizer, accumulation = optimizers[name]
+    rng = np.random.default_rng(0)
+    data = (rng.integers(0, 256, (96, 8, 8, 1)).astype(np.uint8),
+            rng.integers(0, 10, 96).astype(np.int32))
+    one, one_weights = _train_library(None, optimizer, accumulation, data)
+    parallel = keras.distribution.DataParallel(devices=jax.devices())
+    eight, eight_weights = _train_library(parallel, optimizer, accumulation,
+                                          data)
+    assert eight["step"] == one["step"] == 6
+    worst = max(float(np.max(np.abs(a - b)))
+                for a, b in zip(one_weights, eight_weights))
+    print(f"{name}: 8 devices vs 1, largest difference {worst:.2e}")
+    for a, b in zip(one_weights, eight_weights):
+        np.testing.assert_allclose(b, a, **DATA_PARALLEL_TOLERANCE)
+    # Negative control: one step more on one device is far outside it.
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
+        one_weights, _train_library(None, optimizer, accumulation,
+                                    (data[0][::-1], data[1][::-1]))[1]))
+    assert moved > 100 * DATA_PARALLEL_TOLERANCE["atol"]
+
+
+def test_accumulation_equals_the_whole_batch_without_batch_norm():
+    """k micro-batches summed and applied once equal one step on the whole
+    batch (a model without batch norm, whose statistics would differ)."""
+    import keras_lamb
+    from tpu_scripts.jax_trainer import JaxTrainer
+    from tpu_scripts.resnet import data as resnet_data
+    from tpu_scripts.tasks import ClassificationTask
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (64, 4, 4, 1)).astype(np.uint8)
+    labels = rng.integers(0, 3, 64).astype(np.int32)
+
+    def train(k):
+        keras.utils.set_random_seed(5)
+        task = ClassificationTask(lambda: keras.Sequential([
+            keras.Input((4, 4, 1)), keras.layers.Flatten(),
+            keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]),
+            3)
+        trainer = JaxTrainer(
+            task, lambda: keras_lamb.LAMB(learning_rate=0.05,
+                                          global_clipnorm=0.2),
+            32, steps_per_loop=2, log=lambda *a, **k: None,
+            gradient_accumulation_steps=k)
+        trainer.train(resnet_data.ArrayInput(images, labels, 32, True), 4)
+        return [np.asarray(v.value) for v in trainer.model.weights]
+
+    whole, accumulated = train(1), train(4)
+    for a, b in zip(whole, accumulated):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# The ResNet script on JAX
+
+
+@pytest.mark.no_tensorflow_needed
+def test_resnet_script_on_jax_in_memory_data(data_dir, tmp_path):
+    lines = []
+    results = run_script(small_run_flags(
+        data_dir, strategy="data_parallel", model_dir=tmp_path / "run",
+        augmentation="pad_crop_flip", track_trust_ratios=True), lines)
+    assert results["complete"] and results["steps"] == 6
+    assert results["engine"] == "jax" and results["num_replicas"] == DEVICES
+    assert results["top1"] is not None and 0 <= results["top1"] <= 1
+    assert any("Engine: jax" in line for line in lines), lines
+    assert os.listdir(tmp_path / "run" / "train"), "no TensorBoard events"
+    # A rerun of the finished run leaves it as it is.
+    again = run_script(small_run_flags(
+        data_dir, strategy="data_parallel", model_dir=tmp_path / "run",
+        augmentation="pad_crop_flip", track_trust_ratios=True))
+    assert again == results
+    if TENSORFLOW_BLOCKED:
+        assert "tensorflow" not in [m for m in sys.modules
+                                    if sys.modules[m] is not None]
+
+
+@pytest.mark.no_tensorflow_needed
+def test_resnet50_v15_on_synthetic_data(tmp_path):
+    results = run_script([
+        "--synthetic_data", "--model=resnet50", "--image_size=32",
+        "--num_classes=10", "--num_train_examples=64",
+        "--num_eval_examples=16", "--global_batch_size=16",
+        "--train_steps=2", "--steps_per_loop=2", "--warmup_epochs=0",
+        "--optimizer=lars", "--strategy=data_parallel",
+        f"--model_dir={tmp_path / 'r50'}"])
+    assert results["complete"] and results["steps"] == 2
+    assert results["data"] == "synthetic" and results["model"] == "resnet50"
+    assert np.isfinite(results["eval_loss"])
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--strategy=mirrored", "--strategy=mirrored is TensorFlow's"),
+    ("--jit_compile", "--jit_compile=True is a TensorFlow flag"),
+    ("--tpu=local", "--tpu=local is a TensorFlow flag"),
+    ("--jax_num_processes=2", "needs --jax_coordinator_address"),
+])
+def test_flags_of_the_other_engine_are_one_error(data_dir, flag, message):
+    process = subprocess.run(
+        [sys.executable, SCRIPT, *small_run_flags(data_dir), flag],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env=dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT))
+    assert process.returncode == 1, process.stdout + process.stderr
+    errors = [line for line in process.stderr.splitlines()
+              if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], process.stderr[-2000:]
+    assert "Traceback" not in process.stderr
+
+
+# ----------------------------------------------------------------------------
+# Kills, SIGTERM, damaged checkpoints
+
+
+def _start(argv):
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *argv], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT))
+
+
+def _read_until(process, text, timeout=300):
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    process.kill()
+    pytest.fail(f"never printed {text!r}:\n" + "".join(lines)[-3000:])
+
+
+def _finish(process, timeout=300):
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out
+
+
+def _long_run_flags(data_dir, model_dir):
+    # 24 steps, a checkpoint after every loop of 2.
+    return small_run_flags(
+        data_dir, model_dir=model_dir, train_steps=24, checkpoint_every=2,
+        steps_per_loop=2, augmentation="pad_crop_flip")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    results = run_script(_long_run_flags(data_dir, model_dir))
+    return results, checkpoint_arrays(model_dir)
+
+
+def _assert_same_run(model_dir, uninterrupted):
+    results, arrays = uninterrupted
+    with open(os.path.join(model_dir, "results.json")) as f:
+        resumed = json.load(f)
+    assert resumed["steps"] == results["steps"] == 24
+    assert resumed["eval_loss"] == results["eval_loss"]
+    assert resumed["top1"] == results["top1"]
+    resumed_arrays = checkpoint_arrays(model_dir)
+    assert resumed_arrays.keys() == arrays.keys()
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(resumed_arrays[key], value, err_msg=key)
+
+
+def test_sigterm_saves_and_the_restart_ends_bit_for_bit(data_dir, tmp_path,
+                                                        uninterrupted):
+    model_dir = str(tmp_path / "run")
+    process = _start(_long_run_flags(data_dir, model_dir))
+    _read_until(process, "step 6/24")
+    process.send_signal(signal.SIGTERM)
+    rc, out = _finish(process)
+    assert rc == 143, out[-3000:]
+    assert "Preempted: saved a checkpoint at step" in out
+    rc, out = _finish(_start(_long_run_flags(data_dir, model_dir)))
+    assert rc == 0, out[-3000:]
+    assert "Restored" in out
+    _assert_same_run(model_dir, uninterrupted)
+
+
+def test_kill_9_then_restart_ends_bit_for_bit(data_dir, tmp_path,
+                                              uninterrupted):
+    model_dir = str(tmp_path / "run")
+    process = _start(_long_run_flags(data_dir, model_dir))
+    _read_until(process, "step 10/24")
+    process.kill()
+    process.wait()
+    rc, out = _finish(_start(_long_run_flags(data_dir, model_dir)))
+    assert rc == 0, out[-3000:]
+    _assert_same_run(model_dir, uninterrupted)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(
+        data_dir, tmp_path, uninterrupted):
+    from tpu_scripts import run_state
+
+    model_dir = str(tmp_path / "run")
+    process = _start(_long_run_flags(data_dir, model_dir))
+    _read_until(process, "step 12/24")
+    process.kill()
+    process.wait()
+    (newest, path), = run_state.list_jax_checkpoints(model_dir)[-1:]
+    for folder, _, files in os.walk(path):  # cut every array file short
+        for name in files:
+            if name not in ("_CHECKPOINT_METADATA", "_METADATA"):
+                file = os.path.join(folder, name)
+                with open(file, "r+b") as f:
+                    f.truncate(max(0, os.path.getsize(file) // 3))
+    rc, out = _finish(_start(_long_run_flags(data_dir, model_dir)))
+    assert rc == 0, out[-3000:]
+    assert f"instead of the damaged {path}" in out, out[-3000:]
+    assert any(name.startswith(f"{newest}.damaged-") for name in
+               os.listdir(os.path.dirname(path)))
+    _assert_same_run(model_dir, uninterrupted)
