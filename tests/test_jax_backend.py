@@ -45,15 +45,16 @@ pytestmark = [
 ]
 
 
-def run_on_jax(modules, launcher=("-m", "pytest"), timeout=900, **env):
-    """Runs `modules` in a JAX pytest process; returns (returncode, stdout
-    tail, stderr tail)."""
-    return run_on_backend("jax", modules, launcher, timeout,
+def run_on_jax(modules, launcher=("-m", "pytest"), timeout=900, args=(),
+               **env):
+    """Runs `modules` in a JAX pytest process (with pytest `args`);
+    returns (returncode, stdout tail, stderr tail)."""
+    return run_on_backend("jax", modules, launcher, timeout, args=args,
                           JAX_PLATFORMS="cpu", **env)
 
 
 def run_on_backend(backend, modules, launcher=("-m", "pytest"), timeout=900,
-                   **env):
+                   args=(), **env):
     """Runs `modules` in a pytest process on Keras's `backend`; returns
     (returncode, stdout tail, stderr tail)."""
     env = dict(os.environ, KERAS_BACKEND=backend, **env)
@@ -63,7 +64,7 @@ def run_on_backend(backend, modules, launcher=("-m", "pytest"), timeout=900,
         p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [sys.executable, *launcher, "-q", "-p", "no:cacheprovider",
-         "-p", "no:xdist", *[os.path.join(HERE, m) for m in modules]],
+         "-p", "no:xdist", *args, *[os.path.join(HERE, m) for m in modules]],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE,
     )
     return result.returncode, result.stdout[-6000:], result.stderr[-3000:]
@@ -88,6 +89,20 @@ SUITE = background("jax_suite", lambda: run_on_jax(AGNOSTIC_MODULES),
                    seconds=134)
 DISTRIBUTION = background("jax_distribution", distribution_run,
                           seconds=38)
+def jax_engine_run(*launcher_and_marks):
+    env = dict(XLA_FLAGS=" ".join(p for p in (
+        os.environ.get("XLA_FLAGS"),
+        "--xla_force_host_platform_device_count=8") if p))
+    launcher, args = (launcher_and_marks or (("-m", "pytest"), ()))
+    return run_on_jax(["test_jax_engine.py"], launcher=launcher, args=args,
+                      **env)
+
+
+JAX_ENGINE = background("jax_engine", jax_engine_run, seconds=190)
+JAX_ENGINE_WITHOUT_TF = background(
+    "jax_engine_without_tensorflow", lambda: jax_engine_run(
+        ("-c", WITHOUT_TENSORFLOW), ("-m", "no_tensorflow_needed")),
+    seconds=25)
 WITHOUT_TF = background("jax_without_tensorflow", lambda: run_on_jax(
     ["test_without_tensorflow.py"], launcher=("-c", WITHOUT_TENSORFLOW)),
     seconds=13)
@@ -109,5 +124,22 @@ def test_keras_distribution_on_jax_backend():
 @pytest.mark.background("jax_without_tensorflow")
 def test_core_without_tensorflow():
     tail = checked(WITHOUT_TF)
+    summary = tail.splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, tail
+
+
+@pytest.mark.background("jax_engine")
+def test_jax_engine():
+    """The training scripts' JAX engine on 8 virtual CPU devices."""
+    tail = checked(JAX_ENGINE)
+    summary = tail.splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, tail
+
+
+@pytest.mark.background("jax_engine_without_tensorflow")
+def test_jax_engine_without_tensorflow():
+    """The JAX engine's in-memory and synthetic runs with `import
+    tensorflow` failing."""
+    tail = checked(JAX_ENGINE_WITHOUT_TF)
     summary = tail.splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, tail

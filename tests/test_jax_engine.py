@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import keras
@@ -105,8 +104,14 @@ def checkpoint_arrays(model_dir):
     from tpu_scripts import run_state
 
     _, path = run_state.list_jax_checkpoints(model_dir)[-1]
-    tree = ocp.StandardCheckpointer().restore(
-        os.path.join(os.path.abspath(path), "default"))
+    path = os.path.join(os.path.abspath(path), "default")
+    checkpointer = ocp.StandardCheckpointer()
+    # On this process's first device, whatever topology saved it.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata.tree)
+    tree = checkpointer.restore(path, target)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
@@ -132,8 +137,10 @@ def _train_library(distribution, optimizer, accumulation, data):
                          gradient_accumulation_steps=accumulation)
     train_input = resnet_data.ArrayInput(images, labels, 32, True,
                                          augmentation="pad_crop_flip")
+    initial = [np.asarray(v.value) for v in trainer.model.weights]
     outcome = trainer.train(train_input, 6)
-    return outcome, [np.asarray(v.value) for v in trainer.model.weights] + [
+    return outcome, initial, [np.asarray(v.value) for v in
+                              trainer.model.weights] + [
         np.asarray(v.value) for v in trainer.optimizer.variables]
 
 
@@ -156,20 +163,20 @@ def test_data_parallel_over_8_devices_equals_one_device(name):
     rng = np.random.default_rng(0)
     data = (rng.integers(0, 256, (96, 8, 8, 1)).astype(np.uint8),
             rng.integers(0, 10, 96).astype(np.int32))
-    one, one_weights = _train_library(None, optimizer, accumulation, data)
+    one, initial, one_weights = _train_library(None, optimizer,
+                                               accumulation, data)
     parallel = keras.distribution.DataParallel(devices=jax.devices())
-    eight, eight_weights = _train_library(parallel, optimizer, accumulation,
-                                          data)
+    eight, _, eight_weights = _train_library(parallel, optimizer,
+                                             accumulation, data)
     assert eight["step"] == one["step"] == 6
     worst = max(float(np.max(np.abs(a - b)))
                 for a, b in zip(one_weights, eight_weights))
     print(f"{name}: 8 devices vs 1, largest difference {worst:.2e}")
     for a, b in zip(one_weights, eight_weights):
         np.testing.assert_allclose(b, a, **DATA_PARALLEL_TOLERANCE)
-    # Negative control: one step more on one device is far outside it.
-    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
-        one_weights, _train_library(None, optimizer, accumulation,
-                                    (data[0][::-1], data[1][::-1]))[1]))
+    # Negative control: training moved the weights far outside it.
+    moved = max(float(np.max(np.abs(a - b)))
+                for a, b in zip(initial, one_weights))
     assert moved > 100 * DATA_PARALLEL_TOLERANCE["atol"]
 
 
@@ -230,6 +237,18 @@ def test_resnet_script_on_jax_in_memory_data(data_dir, tmp_path):
 
 
 @pytest.mark.no_tensorflow_needed
+def test_synthetic_data(tmp_path):
+    results = run_script([
+        "--synthetic_data", "--model=small_resnet", "--image_size=8",
+        "--small_resnet_widths=4", "--small_resnet_blocks=1",
+        "--num_classes=10", "--num_train_examples=64",
+        "--num_eval_examples=24", "--global_batch_size=16",
+        "--eval_batch_size=8", "--train_steps=4", "--warmup_epochs=0",
+        "--strategy=data_parallel", f"--model_dir={tmp_path / 'run'}"])
+    assert results["complete"] and results["steps"] == 4
+    assert results["eval_examples"] == 24 and np.isfinite(results["eval_loss"])
+
+
 def test_resnet50_v15_on_synthetic_data(tmp_path):
     results = run_script([
         "--synthetic_data", "--model=resnet50", "--image_size=32",
@@ -247,17 +266,30 @@ def test_resnet50_v15_on_synthetic_data(tmp_path):
     ("--strategy=mirrored", "--strategy=mirrored is TensorFlow's"),
     ("--jit_compile", "--jit_compile=True is a TensorFlow flag"),
     ("--tpu=local", "--tpu=local is a TensorFlow flag"),
+    ("--collective=nccl", "--collective=nccl is a TensorFlow flag"),
     ("--jax_num_processes=2", "needs --jax_coordinator_address"),
 ])
-def test_flags_of_the_other_engine_are_one_error(data_dir, flag, message):
+def test_flags_of_the_other_engine_are_refused(data_dir, tmp_path, flag,
+                                               message):
+    from tpu_scripts import run_state
+
+    with pytest.raises(run_state.FlagError, match=message):
+        run_script(small_run_flags(data_dir, model_dir=tmp_path / "run")
+                   + [flag])
+    assert not os.path.exists(tmp_path / "run"), "refused after writing"
+
+
+def test_a_refused_flag_is_one_error_line(data_dir):
     process = subprocess.run(
-        [sys.executable, SCRIPT, *small_run_flags(data_dir), flag],
+        [sys.executable, SCRIPT, *small_run_flags(data_dir),
+         "--strategy=tpu"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
         env=dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT))
     assert process.returncode == 1, process.stdout + process.stderr
     errors = [line for line in process.stderr.splitlines()
               if line.startswith("Error:")]
-    assert len(errors) == 1 and message in errors[0], process.stderr[-2000:]
+    assert len(errors) == 1 and "--strategy=tpu is TensorFlow's" in (
+        errors[0]), process.stderr[-2000:]
     assert "Traceback" not in process.stderr
 
 
@@ -332,20 +364,11 @@ def test_sigterm_saves_and_the_restart_ends_bit_for_bit(data_dir, tmp_path,
     _assert_same_run(model_dir, uninterrupted)
 
 
-def test_kill_9_then_restart_ends_bit_for_bit(data_dir, tmp_path,
-                                              uninterrupted):
-    model_dir = str(tmp_path / "run")
-    process = _start(_long_run_flags(data_dir, model_dir))
-    _read_until(process, "step 10/24")
-    process.kill()
-    process.wait()
-    rc, out = _finish(_start(_long_run_flags(data_dir, model_dir)))
-    assert rc == 0, out[-3000:]
-    _assert_same_run(model_dir, uninterrupted)
-
-
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(
+def test_kill_9_and_a_damaged_newest_checkpoint_end_bit_for_bit(
         data_dir, tmp_path, uninterrupted):
+    """kill -9, then the newest checkpoint cut short: the restart falls
+    back to the previous one, sets the damaged one aside and ends where an
+    uninterrupted run does."""
     from tpu_scripts import run_state
 
     model_dir = str(tmp_path / "run")
@@ -366,3 +389,54 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(
     assert any(name.startswith(f"{newest}.damaged-") for name in
                os.listdir(os.path.dirname(path)))
     _assert_same_run(model_dir, uninterrupted)
+
+
+# ----------------------------------------------------------------------------
+# Several processes, as a TPU pod's hosts
+
+
+def test_two_processes_run_one_data_parallel_job(data_dir, tmp_path):
+    """Two processes on 127.0.0.1 (jax.distributed, CPU collectives over
+    gloo), 2 devices each, train one data-parallel job into one model_dir
+    (a sharded orbax checkpoint) and end where one process with 4 devices
+    does."""
+    from conftest import free_ports
+
+    port, = free_ports(1)
+    common = small_run_flags(data_dir, strategy="data_parallel",
+                             num_cpu_devices=2, track_trust_ratios=False)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(KERAS_BACKEND="jax", PYTHONPATH=ROOT)
+
+    def start(*argv):
+        return subprocess.Popen(
+            [sys.executable, SCRIPT, *common, *argv], cwd=ROOT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+    job = str(tmp_path / "job")
+    processes = [start(f"--model_dir={job}", "--jax_num_processes=2",
+                       f"--jax_coordinator_address=127.0.0.1:{port}",
+                       f"--jax_process_id={i}") for i in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    for p, out in zip(processes, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "DataParallel on 4 cpu devices, 2 process(es)" in outputs[0]
+    single = start(f"--model_dir={tmp_path / 'single'}",
+                   "--num_cpu_devices=4")
+    out = single.communicate(timeout=300)[0]
+    assert single.returncode == 0, out[-3000:]
+    with open(os.path.join(job, "results.json")) as f:
+        two = json.load(f)
+    with open(tmp_path / "single" / "results.json") as f:
+        one = json.load(f)
+    assert two["steps"] == one["steps"] == 6 and two["num_replicas"] == 4
+    # One all-reduce over two processes against one within a process.
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    assert two["train"]["loss"] == pytest.approx(one["train"]["loss"],
+                                                 rel=1e-5)
+    saved = os.listdir(os.path.join(job, "checkpoints", "6", "default"))
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(saved), saved
+    a, b = checkpoint_arrays(job), checkpoint_arrays(str(tmp_path / "single"))
+    for key, value in b.items():
+        np.testing.assert_allclose(a[key], value, rtol=1e-4, atol=1e-6,
+                                   err_msg=key)

@@ -57,6 +57,19 @@ def test_strategy_and_batch_errors():
         distribute.set_mixed_precision("fp8")
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--strategy=data_parallel", "--strategy=data_parallel is the JAX "
+     "engine's; run with KERAS_BACKEND=jax"),
+    ("--jax_num_processes=2", "--jax_num_processes is a JAX flag"),
+    ("--jax_coordinator_address=h:1", "--jax_coordinator_address is a JAX"),
+])
+def test_jax_flags_are_refused_on_tensorflow(resnet_train, flag, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        distribute.check_engine_flags(parse(resnet_train, [flag]),
+                                      "tensorflow")
+    distribute.check_engine_flags(parse(resnet_train, []), "tensorflow")
+
+
 def test_recipe_must_fit_the_optimizer(resnet_train):
     values = parse(resnet_train, ["--optimizer=lamb", "--recipe=mlperf"])
     with pytest.raises(ValueError, match="--recipe=mlperf is defined for "

@@ -409,7 +409,16 @@ def setup(flags_, deterministic=False):
     import keras
 
     configure_jax_cpu_devices(flags_.num_cpu_devices)
+    if deterministic:  # XLA:GPU's atomics-free kernels (CPU and TPU are)
+        os.environ["XLA_FLAGS"] = " ".join(filter(None, (
+            os.environ.get("XLA_FLAGS"),
+            "--xla_gpu_deterministic_ops=true")))
     if flags_.jax_num_processes != 1:
+        import jax
+
+        # CPU devices of several processes all-reduce over gloo (TPUs and
+        # GPUs use their own interconnect; this setting is CPU-only).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         keras.distribution.initialize(
             job_addresses=flags_.jax_coordinator_address or None,
             num_processes=flags_.jax_num_processes or None,
@@ -435,7 +444,7 @@ def set_random_seed(seed):
     """
     import keras
 
-    if keras.backend.backend() != "jax" or "tensorflow" in sys.modules:
+    if keras.backend.backend() != "jax" or sys.modules.get("tensorflow"):
         keras.utils.set_random_seed(seed)
         return
     import random

@@ -33,7 +33,7 @@ __all__ = [
 def _tf_gfile(path):
     """`tf.io.gfile` when this process uses TensorFlow for `path`, else
     `None`."""
-    if "tensorflow" in sys.modules:
+    if sys.modules.get("tensorflow") is not None:
         return sys.modules["tensorflow"].io.gfile
     if _is_local(path) or _fsspec_protocol_available(path):
         return None

@@ -67,7 +67,7 @@ class NullWriter:
 
 def create_writer(log_dir, log=print):
     """A scalar writer for `log_dir` (see the module docstring)."""
-    if "tensorflow" in sys.modules:
+    if sys.modules.get("tensorflow") is not None:
         return _TensorFlowWriter(log_dir)
     try:
         return _TensorBoardXWriter(log_dir)

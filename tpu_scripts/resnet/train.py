@@ -1,4 +1,5 @@
-r"""Trains a ResNet with LARS, LAMB or SGD on any tf.distribute strategy.
+r"""Trains a ResNet with LARS, LAMB or SGD on any tf.distribute strategy, or
+on JAX (`KERAS_BACKEND=jax`) with keras.distribution.
 
 ResNet-50 v1.5 on ImageNet TFRecords (TPU / Model Garden layout) on a TPU pod
 at batch 32k with the MLPerf LARS recipe, stopping at 75.9 % top-1:
@@ -26,8 +27,15 @@ dataset-fashion-mnist`; 40 s on 2 cores):
       --global_batch_size=512 --epochs=2 --warmup_epochs=0.25 \
       --model_dir=/tmp/fmnist
 
-The same training loop (`tpu_scripts.trainer.Trainer`) runs under every
-strategy; `results.json` in `--model_dir` (local or gs://) records the final
+On JAX (TPU VMs, GPUs; no TensorFlow needed for synthetic and in-memory
+data), every device of every host:
+
+    KERAS_BACKEND=jax python -m tpu_scripts.resnet.train \
+      --strategy=data_parallel --synthetic_data --global_batch_size=1024 \
+      --train_steps=200 --mixed_precision=bfloat16 --model_dir=/tmp/jax
+
+The same training loop (`tpu_scripts.engine.Engine`) runs under every
+strategy and on both engines; `results.json` in `--model_dir` (local or gs://) records the final
 top-1, the steps, the wall time, images/s, when `--target_accuracy` was
 reached and every flag.
 """
