@@ -94,11 +94,12 @@ def jax_engine_run(*launcher_and_marks):
         os.environ.get("XLA_FLAGS"),
         "--xla_force_host_platform_device_count=8") if p))
     launcher, args = (launcher_and_marks or (("-m", "pytest"), ()))
-    return run_on_jax(["test_jax_engine.py"], launcher=launcher, args=args,
-                      **env)
+    modules = ["test_jax_engine.py"] + (
+        [] if args else ["test_jax_engine_bert.py"])  # BERT reads TFRecords
+    return run_on_jax(modules, launcher=launcher, args=args, **env)
 
 
-JAX_ENGINE = background("jax_engine", jax_engine_run, seconds=190)
+JAX_ENGINE = background("jax_engine", jax_engine_run, seconds=250)
 JAX_ENGINE_WITHOUT_TF = background(
     "jax_engine_without_tensorflow", lambda: jax_engine_run(
         ("-c", WITHOUT_TENSORFLOW), ("-m", "no_tensorflow_needed")),
@@ -130,7 +131,8 @@ def test_core_without_tensorflow():
 
 @pytest.mark.background("jax_engine")
 def test_jax_engine():
-    """The training scripts' JAX engine on 8 virtual CPU devices."""
+    """The training scripts' JAX engine on 8 virtual CPU devices: ResNet
+    and BERT pre-training."""
     tail = checked(JAX_ENGINE)
     summary = tail.splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, tail

@@ -29,7 +29,7 @@ import keras  # noqa: E402
 from absl import flags  # noqa: E402
 
 from test_tpu_distributed import environment  # noqa: E402
-from tpu_scripts import run_state  # noqa: E402
+from tpu_scripts import run_state, trainer  # noqa: E402
 from tpu_scripts.bert import data as bert_data  # noqa: E402
 from tpu_scripts.bert import pretrain as bert_pretrain  # noqa: E402
 
@@ -152,7 +152,7 @@ def test_resume_of_a_checkpoint_without_dropout_state(records, tmp_path,
     with monkeypatch.context() as patch:
         patch.setattr(bert_pretrain.bert_models, "checkpoint_dropout_state",
                       lambda *args: [])
-        patch.setattr(bert_pretrain.trainer.Trainer, "train", stop_at_3)
+        patch.setattr(trainer.Trainer, "train", stop_at_3)
         with pytest.raises(run_state.Preempted):
             bert_pretrain.run(parse(bert_pretrain, argv), **QUIET)
     lines = []
@@ -162,7 +162,7 @@ def test_resume_of_a_checkpoint_without_dropout_state(records, tmp_path,
     assert any("holds no dropout state" in line for line in lines), lines
 
 
-REAL_TRAIN = bert_pretrain.trainer.Trainer.train
+REAL_TRAIN = trainer.Trainer.train
 
 
 def stop_at_3(self, train_input, train_steps, **kwargs):

@@ -57,7 +57,7 @@ MIXED_PRECISION_NAMES = ("none", "bfloat16", "float16")
 COLLECTIVE_NAMES = ("auto", "ring", "nccl")
 FLAG_NAMES = ("strategy", "tpu", "num_cpu_devices", "collective",
               "mixed_precision", "jit_compile", "jax_coordinator_address",
-              "jax_num_processes", "jax_process_id")
+              "jax_num_processes", "jax_process_id", "model_parallel")
 
 
 def define_flags(flag_values=None):
@@ -106,6 +106,12 @@ def define_flags(flag_values=None):
         "SLURM, ...); >1: with --jax_coordinator_address and "
         "--jax_process_id. Calls keras.distribution.initialize() unless 1.",
         **f)
+    flags.DEFINE_integer(
+        "model_parallel", 1, "JAX, with --strategy=data_parallel: split "
+        "the devices into a (batch, model) mesh with this many devices on "
+        "the model axis, and shard the model's large kernels over it "
+        "(keras.distribution.ModelParallel with the script's LayoutMap; "
+        "BERT). 1: data parallel only.", **f)
     flags.DEFINE_string(
         "jax_coordinator_address", "", "JAX: host:port of process 0, for "
         "--jax_num_processes > 1.", **f)
@@ -294,6 +300,13 @@ def check_engine_flags(flags_, engine_name):
                 raise FlagError(
                     f"--{name}={getattr(flags_, name)} is a TensorFlow flag "
                     f"({why}); drop it on JAX.")
+        if flags_.model_parallel < 1:
+            raise FlagError("--model_parallel must be >= 1. Received: "
+                            f"{flags_.model_parallel}.")
+        if flags_.model_parallel > 1 and flags_.strategy != "data_parallel":
+            raise FlagError(
+                f"--model_parallel={flags_.model_parallel} splits the "
+                "devices of --strategy=data_parallel; add it.")
         if flags_.jax_num_processes < 0:
             raise FlagError("--jax_num_processes must be >= 0. Received: "
                             f"{flags_.jax_num_processes}.")
@@ -315,11 +328,24 @@ def check_engine_flags(flags_, engine_name):
             f"{', '.join(STRATEGY_NAMES)}.")
     for name, default in (("jax_num_processes", 1),
                           ("jax_coordinator_address", ""),
-                          ("jax_process_id", 0)):
+                          ("jax_process_id", 0), ("model_parallel", 1)):
         if getattr(flags_, name) != default:
             raise FlagError(
                 f"--{name} is a JAX flag; on TensorFlow a cluster comes from "
                 "TF_CONFIG (--strategy=multi_worker_mirrored) or --tpu.")
+
+
+def tensorflow_for_input_only():
+    """TensorFlow, loaded for `tf.data` on the host beside JAX, with its
+    GPUs hidden from it (it would otherwise take memory on every GPU that
+    JAX trains on); TPUs are left to JAX as well."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # devices initialised already
+        pass
+    return tf
 
 
 def configure_jax_cpu_devices(count):
@@ -368,9 +394,13 @@ class Runtime:
 
             self.num_replicas = jax_trainer.num_data_shards(distribution)
             self.is_chief = jax.process_index() == 0
+            mesh = getattr(distribution, "device_mesh", None)
+            shape = "x".join(map(str, mesh.shape)) if mesh is not None \
+                and len(mesh.shape) > 1 else ""
             self.name = (f"{type(distribution).__name__} on "
                          f"{jax.device_count()} {jax.devices()[0].platform} "
-                         f"devices, {jax.process_count()} process(es)"
+                         f"devices{f' ({shape} mesh)' if shape else ''}, "
+                         f"{jax.process_count()} process(es)"
                          if distribution is not None else
                          f"one {jax.devices()[0].platform} device")
 
@@ -390,10 +420,16 @@ class Runtime:
                           distribution=self.distribution, **kwargs)
 
 
-def setup(flags_, deterministic=False):
+def setup(flags_, deterministic=False, layout_map=None):
     """Configures the engine of Keras's backend from the distribution flags
     (devices, strategy or distribution, mixed precision, determinism) and
-    returns its `Runtime`. Call before any tensor is made."""
+    returns its `Runtime`. Call before any tensor is made.
+
+    `layout_map`: for `--model_parallel` on JAX, a function of a
+    `keras.distribution.DeviceMesh` (axes "batch" and "model") returning the
+    model's `keras.distribution.LayoutMap`; a script without one refuses the
+    flag.
+    """
     engine_name = engine()
     check_engine_flags(flags_, engine_name)
     if engine_name == "tensorflow":
@@ -408,6 +444,8 @@ def setup(flags_, deterministic=False):
         return Runtime("tensorflow", strategy=strategy)
     import keras
 
+    if sys.modules.get("tensorflow") is not None:  # the input's (BERT)
+        tensorflow_for_input_only()
     configure_jax_cpu_devices(flags_.num_cpu_devices)
     if deterministic:  # XLA:GPU's atomics-free kernels (CPU and TPU are)
         os.environ["XLA_FLAGS"] = " ".join(filter(None, (
@@ -429,7 +467,23 @@ def setup(flags_, deterministic=False):
     if flags_.strategy == "data_parallel":
         import jax
 
-        distribution = keras.distribution.DataParallel(devices=jax.devices())
+        devices = jax.devices()
+        model = flags_.model_parallel
+        if model == 1:
+            distribution = keras.distribution.DataParallel(devices=devices)
+        elif layout_map is None:
+            raise FlagError(
+                f"--model_parallel={model}: this script has no layout for "
+                "its model (BERT's pre-training has); use 1.")
+        elif len(devices) % model:
+            raise FlagError(
+                f"--model_parallel={model} does not divide the "
+                f"{len(devices)} devices.")
+        else:
+            mesh = keras.distribution.DeviceMesh(
+                (len(devices) // model, model), ["batch", "model"], devices)
+            distribution = keras.distribution.ModelParallel(
+                layout_map=layout_map(mesh), batch_dim_name="batch")
     return Runtime("jax", distribution=distribution)
 
 

@@ -26,10 +26,10 @@ progress lines, summaries). What differs is how a step runs:
   sharded over hosts, local or gs://, with the exact state (weights,
   optimizer slots and step count, dropout seed states, the global step), so
   a resume continues bit for bit;
-- input: each process feeds its own share of the global batch from the
-  input object's `numpy_batches` (in-memory arrays, synthetic data: no
-  TensorFlow), or from its `tf.data` pipeline on the host where it has no
-  NumPy path (TFRecords, TFDS; TensorFlow needed).
+- input: each process feeds its own share of the global batch (a tuple or
+  dict of arrays) from the input object's `numpy_batches` (in-memory
+  arrays, synthetic data: no TensorFlow), or from its `tf.data` pipeline on
+  the host where it has no NumPy path (TFRecords, TFDS; TensorFlow needed).
 """
 
 import os
@@ -128,8 +128,16 @@ class JaxTrainer(Engine):
                     os.path.join(model_dir, "train"), self._log)
                 self._eval_writer = create_writer(
                     os.path.join(model_dir, "eval"), self._log)
-        self._train_loop = jax.jit(self._train_loop_fn, donate_argnums=0)
-        self._eval_step = jax.jit(self._eval_step_fn, donate_argnums=2)
+        # The state keeps its layout (`keras.distribution`'s, e.g. kernels
+        # sharded on "model") across steps: XLA would otherwise pick the
+        # outputs' shardings itself.
+        state_shardings = jax.tree.map(lambda a: a.sharding, self._state())
+        self._train_loop = jax.jit(self._train_loop_fn, donate_argnums=0,
+                                   out_shardings=state_shardings)
+        self._eval_step = jax.jit(
+            self._eval_step_fn, donate_argnums=2,
+            out_shardings=[v.value.sharding for v in
+                           _metric_variables(self.eval_metrics)])
         self._init_loop_state()
 
     # ------------------------------------------------------------ state
@@ -263,15 +271,17 @@ class JaxTrainer(Engine):
         done = 0
         while done < num_steps:
             first = next(iterator)
-            step_bytes = sum(np.asarray(t).nbytes for t in first)
+            step_bytes = sum(np.asarray(t).nbytes
+                             for t in jax.tree.leaves(first))
             chunk = min(num_steps - done,
                         max(1, self.max_stacked_bytes // max(1, step_bytes)))
             steps = [first] + [next(iterator) for _ in range(chunk - 1)]
-            stacked = tuple(
-                np.stack([np.asarray(s[i]) for s in steps]).reshape(
-                    (chunk, k, -1) + np.asarray(first[i]).shape[1:])
-                for i in range(len(first)))
-            batches = tuple(self._global_array(t, 2) for t in stacked)
+            # [steps, k micro-batches, this process's share / k, ...]
+            stacked = jax.tree.map(
+                lambda *ts: np.stack([np.asarray(t) for t in ts]).reshape(
+                    (chunk, k, -1) + np.shape(ts[0])[1:]), *steps)
+            batches = jax.tree.map(lambda t: self._global_array(t, 2),
+                                   stacked)
             state = self._train_loop(self._state(), batches)
             self._set_state(state)
             done += chunk
@@ -288,8 +298,9 @@ class JaxTrainer(Engine):
         non_trainable = [v.value for v in self.model.non_trainable_variables]
         iterator = host_batches(eval_input, 0, 0)
         for _ in range(eval_input.steps_per_epoch):
-            batch = tuple(self._global_array(np.asarray(t), 0)
-                          for t in next(iterator))
+            batch = jax.tree.map(
+                lambda t: self._global_array(np.asarray(t), 0),
+                next(iterator))
             metric_vars = self._eval_step(trainable, non_trainable,
                                           metric_vars, batch)
         for variable, value in zip(variables, metric_vars):
@@ -410,7 +421,9 @@ def host_batches(input_fn, epoch, start_step):
         if batches is not None:
             return iter(batches)
     try:
-        import tensorflow as tf
+        from tpu_scripts.distribute import tensorflow_for_input_only
+
+        tf = tensorflow_for_input_only()
     except ImportError:
         raise run_state.FlagError(
             f"{type(input_fn).__name__} reads its data with tf.data: install "
@@ -420,7 +433,7 @@ def host_batches(input_fn, epoch, start_step):
         num_input_pipelines=count, input_pipeline_id=index,
         num_replicas_in_sync=count)
     dataset = input_fn(context, epoch=epoch, start_step=start_step)
-    return (tuple(t) for t in dataset.as_numpy_iterator())
+    return iter(dataset.as_numpy_iterator())
 
 
 def _metric_variables(metrics):
@@ -541,3 +554,50 @@ def _abstract(value):
     return jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype
                                 if sharding is None else value.dtype,
                                 sharding=sharding)
+
+
+def load_model_weights(model, model_dir):
+    """Loads the model weights (not the optimizer state, step or dropout
+    seeds) of the newest checkpoint of a JAX-engine `model_dir` into
+    `model`, e.g. BERT's phase 2 from phase 1; returns the checkpoint's
+    path. Raises `run_state.FlagError` naming `model_dir` when it holds no
+    checkpoint or one of another model."""
+    import orbax.checkpoint as ocp
+
+    checkpoints = run_state.list_jax_checkpoints(model_dir)
+    if not checkpoints:
+        raise run_state.FlagError(
+            f"--init_checkpoint={model_dir}: no checkpoint of the JAX engine "
+            f"there (expected {model_dir}/{run_state.JAX_CHECKPOINT_DIR}/"
+            "<step>/).")
+    _, path = checkpoints[-1]
+    item = os.path.join(path, "default")
+    checkpointer = ocp.StandardCheckpointer()
+    saved = checkpointer.metadata(item).item_metadata.tree
+    wanted = [v for v in model.trainable_variables]
+    shapes = [tuple(m.shape) for m in saved["model"]["trainable"]]
+    if shapes != [tuple(v.shape) for v in wanted]:
+        raise run_state.FlagError(
+            f"--init_checkpoint={model_dir}: its model ({len(shapes)} "
+            f"trainable arrays) is not this one ({len(wanted)}). Use the "
+            "same --bert_config.")
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    target["model"]["trainable"] = [
+        jax.ShapeDtypeStruct(v.shape, v.value.dtype,
+                             sharding=v.value.sharding) for v in wanted]
+    # Everything else is read onto this process's first device, then left.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    for key in ("optimizer",):
+        target[key] = [jax.ShapeDtypeStruct(t.shape, t.dtype,
+                                            sharding=device)
+                       for t in target[key]]
+    target["model"]["non_trainable"] = [
+        jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=device)
+        for t in target["model"]["non_trainable"]]
+    target["global_step"] = jax.ShapeDtypeStruct(
+        (), target["global_step"].dtype, sharding=device)
+    tree = checkpointer.restore(item, target)
+    for variable, value in zip(wanted, tree["model"]["trainable"]):
+        variable.assign(value)
+    return path

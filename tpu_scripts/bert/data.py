@@ -1121,6 +1121,29 @@ class ArrayInput(_InputSpec):
         options.deterministic = True
         return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
+    def numpy_batches(self, epoch=0, start_step=0, process_count=1,
+                      process_index=0):
+        """This process's share of each global batch of `epoch` from batch
+        `start_step` on, as dicts of NumPy arrays (the JAX engine): the same
+        examples in the same order as `__call__` gives one replica."""
+        batch, n = self.global_batch_size, self.num_examples
+        if batch % process_count:
+            raise FlagError(
+                f"The batch of {batch} is not divisible by the "
+                f"{process_count} processes.")
+        share = batch // process_count
+        start, stop = process_index * share, (process_index + 1) * share
+        if self.training:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        else:
+            order = np.arange(self.steps_per_epoch * batch)
+        for step in range(start_step, self.steps_per_epoch):
+            indices = order[step * batch:(step + 1) * batch][start:stop]
+            safe = np.minimum(indices, n - 1)
+            features = {k: v[safe] for k, v in self.features.items()}
+            features["example_weight"] = (indices < n).astype(np.float32)
+            yield features
+
 
 class RecordInput(_InputSpec):
     """Streaming training input over TFRecord files (local or GCS).

@@ -14,11 +14,12 @@ Turc et al.'s "Well-Read Students" miniatures (tiny, mini, small, medium);
 
 import dataclasses
 import json
+import math
 
 import keras
 import keras_hub
-import tensorflow as tf
 
+from tpu_scripts import fileio
 from tpu_scripts.run_state import DataError, FlagError
 
 BERT_INITIALIZER_STDDEV = 0.02  # `initializer_range` of every BERT config
@@ -87,11 +88,11 @@ def load_bert_config(name_or_path, **overrides):
     """
     if name_or_path in BERT_CONFIGS:
         config = BERT_CONFIGS[name_or_path]
-    elif name_or_path.endswith(".json") or tf.io.gfile.exists(name_or_path):
+    elif name_or_path.endswith(".json") or fileio.exists(name_or_path):
         try:
-            with tf.io.gfile.GFile(name_or_path) as f:
+            with fileio.GFile(name_or_path) as f:
                 raw = json.load(f)
-        except (OSError, ValueError, tf.errors.OpError) as e:
+        except (OSError, ValueError) as e:
             raise DataError(
                 f"Cannot read --bert_config={name_or_path}: {e}"
             ) from None
@@ -235,9 +236,35 @@ class BertSpanModel(keras.Model):
         self.span_head = span_head
 
 
+def layout_map(mesh):
+    """The `keras.distribution.LayoutMap` of `BertPretrainer` for a mesh with
+    axes "batch" and "model" (`--model_parallel` on JAX), Megatron-style:
+    attention heads and the feed-forward intermediate units are split over
+    "model" (query/key/value kernels and biases by head, the attention
+    output and feed-forward output kernels by their input), and so is the
+    hidden axis of the token embedding (tied to the masked-LM output). The
+    rest (layer norms, position and segment embeddings, heads) is
+    replicated. The heads and the intermediate size must be multiples of
+    the model axis."""
+    layouts = keras.distribution.LayoutMap(mesh)
+    layouts["token_embedding/embeddings"] = (None, "model")
+    # Keys are regular expressions matched from the start of the path.
+    layouts[r".*self_attention_layer/(query|key|value)/kernel"] = (
+        None, "model", None)
+    layouts[r".*self_attention_layer/(query|key|value)/bias"] = ("model", None)
+    layouts[".*self_attention_layer/attention_output/kernel"] = (
+        "model", None, None)
+    layouts[".*feedforward_intermediate_dense/kernel"] = (None, "model")
+    layouts[".*feedforward_intermediate_dense/bias"] = ("model",)
+    layouts[".*feedforward_output_dense/kernel"] = ("model", None)
+    return layouts
+
+
 def resolve_checkpoint(path, flag="--init_checkpoint"):
     """A checkpoint prefix from a prefix or a directory (its latest);
     raises `run_state.FlagError` naming `flag` if there is none."""
+    import tensorflow as tf
+
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
@@ -256,11 +283,17 @@ def load_pretrained_weights(pretrainer, path):
     """Loads the model weights of a pre-training checkpoint into `pretrainer`.
 
     `path` is a checkpoint prefix or a `--model_dir` of `bert/pretrain.py`
-    (its latest checkpoint). Only the model is read: the optimizer state and
+    (its latest checkpoint); on JAX, a `--model_dir` of the JAX engine. Only the model is read: the optimizer state and
     the step stay behind, so a new run (phase 2, fine-tuning) starts with a
     fresh optimizer and its own learning-rate clock. Raises if any weight of
     `pretrainer` is missing from the checkpoint. Returns the prefix read.
     """
+    if keras.backend.backend() == "jax":
+        from tpu_scripts import jax_trainer
+
+        return jax_trainer.load_model_weights(pretrainer, path)
+    import tensorflow as tf
+
     prefix = resolve_checkpoint(path)
     status = tf.train.Checkpoint(model=pretrainer).read(prefix)
     status.assert_existing_objects_matched().expect_partial()
@@ -280,6 +313,8 @@ def checkpoint_dropout_state(checkpoint, model, model_dir=None, log=print):
     whose latest checkpoint has no dropout state (written by an older
     version) resumes without it, as before. Returns the states added.
     """
+    import tensorflow as tf
+
     states = [generator.state for layer in model._flatten_layers()
               for generator in layer._seed_generators]
     from tpu_scripts import run_state
@@ -303,4 +338,4 @@ def checkpoint_dropout_state(checkpoint, model, model_dir=None, log=print):
 
 
 def count_parameters(model):
-    return int(sum(int(tf.size(v)) for v in model.trainable_variables))
+    return int(sum(math.prod(v.shape) for v in model.trainable_variables))

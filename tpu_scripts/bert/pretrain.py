@@ -38,7 +38,8 @@ same attributes). The pieces:
   densifies embedding gradients for Keras's own optimizers (see
   `densify_sparse_gradients`). LAMB and LARS clip the all-reduced gradient
   by themselves under every strategy;
-- `BertPretrainingTask`: the loss and metrics for `trainer.Trainer`.
+- `BertPretrainingTask`: the loss and metrics, in `keras.ops`, for both
+  engines (`tpu_scripts.trainer`, `tpu_scripts.jax_trainer`).
 
 Gradient accumulation. With `gradient_accumulation_steps=k` each trainer step
 is one optimizer update on `global_batch_size` examples: every replica runs
@@ -68,21 +69,22 @@ import sys
 if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
     sys.path.insert(0, os.path.abspath(
         os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
-if __name__ == "__main__":  # a script needs TensorFlow (tf.distribute)
+if __name__ == "__main__":  # TensorFlow unless KERAS_BACKEND=jax
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import math  # noqa: E402
 import time  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
 
 import keras_lamb  # noqa: E402
 from keras_lamb import recipes  # noqa: E402
 from keras_lamb.schedules import warmup_polynomial_decay  # noqa: E402
-from tpu_scripts import distribute, run_state, trainer  # noqa: E402
+from tpu_scripts import distribute, run_state  # noqa: E402
+from tpu_scripts.tasks import Task  # noqa: E402
 from tpu_scripts.bert import data as bert_data  # noqa: E402
 from tpu_scripts.bert import models as bert_models  # noqa: E402
 
@@ -309,6 +311,8 @@ def densify_sparse_gradients(optimizer):
     google-research/bert uses dense (one-hot) embedding gradients on TPU
     anyway. Patches `optimizer.apply` in place; returns the optimizer.
     """
+    import tensorflow as tf
+
     apply = optimizer.apply
 
     def apply_dense(grads, trainable_variables=None):
@@ -322,24 +326,25 @@ def densify_sparse_gradients(optimizer):
 
 def make_training_optimizer(plan, track_trust_ratios=False,
                             mixed_precision="none"):
-    """`make_optimizer` ready for `trainer.Trainer`: dense gradients
-    (`densify_sparse_gradients`).
+    """`make_optimizer` ready for the trainer: on TensorFlow, dense
+    gradients (`densify_sparse_gradients`; JAX's are dense already).
 
     Clipping: keras_lamb's LAMB and LARS clip the all-reduced gradient under
     every strategy. Keras's AdamW and Adam clip each replica's gradient
     before the all-reduce, so with several replicas their `--clipnorm`
     differs from one device's (see docs/distributed.md).
     """
-    return densify_sparse_gradients(
-        make_optimizer(plan, track_trust_ratios, mixed_precision)
-    )
+    optimizer = make_optimizer(plan, track_trust_ratios, mixed_precision)
+    if keras.backend.backend() != "tensorflow":
+        return optimizer
+    return densify_sparse_gradients(optimizer)
 
 
 # ----------------------------------------------------------------------------
 # Task
 
 
-class BertPretrainingTask(trainer.Task):
+class BertPretrainingTask(Task):
     """Masked-LM + next-sentence loss and metrics on google-research/bert
     feature dicts (see the module doc for the loss)."""
 
@@ -367,18 +372,18 @@ class BertPretrainingTask(trainer.Task):
     def compute_loss(self, model, batch, training):
         outputs = model({k: batch[k] for k in self.MODEL_INPUTS},
                         training=training)
-        mlm_logits = tf.cast(outputs["mlm_logits"], tf.float32)
-        nsp_logits = tf.cast(outputs["nsp_logits"], tf.float32)
-        weights = tf.cast(batch["masked_lm_weights"], tf.float32)
-        mlm_xent = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            batch["masked_lm_ids"], mlm_logits
+        mlm_logits = ops.cast(outputs["mlm_logits"], "float32")
+        nsp_logits = ops.cast(outputs["nsp_logits"], "float32")
+        weights = ops.cast(batch["masked_lm_weights"], "float32")
+        mlm_xent = ops.sparse_categorical_crossentropy(
+            batch["masked_lm_ids"], mlm_logits, from_logits=True
         )
-        mlm_loss = tf.math.divide_no_nan(
-            tf.reduce_sum(mlm_xent * weights, axis=-1),
-            tf.reduce_sum(weights, axis=-1),
+        mlm_loss = ops.divide_no_nan(
+            ops.sum(mlm_xent * weights, axis=-1),
+            ops.sum(weights, axis=-1),
         )
-        nsp_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            batch["next_sentence_labels"][:, 0], nsp_logits
+        nsp_loss = ops.sparse_categorical_crossentropy(
+            batch["next_sentence_labels"][:, 0], nsp_logits, from_logits=True
         )
         per_example = mlm_loss + nsp_loss
         example_weights = self.example_weights(batch)
@@ -394,7 +399,7 @@ class BertPretrainingTask(trainer.Task):
 
     def update_metrics(self, metrics, batch, outputs):
         example_weights = self.example_weights(batch)
-        mlm_weights = tf.cast(batch["masked_lm_weights"], tf.float32)
+        mlm_weights = ops.cast(batch["masked_lm_weights"], "float32")
         if example_weights is not None:
             mlm_weights *= example_weights[:, None]
         metrics["mlm_accuracy"].update_state(
@@ -501,7 +506,8 @@ def weight_norm(model):
 # run's identity (`run_state.RunRecord`).
 NOT_IDENTITY_FLAGS = (
     "strategy", "tpu", "num_cpu_devices", "collective", "jit_compile",
-    "eval_files", "model_dir", "steps_per_loop", "save_checkpoints_steps",
+    "jax_num_processes", "jax_coordinator_address", "jax_process_id",
+    "model_parallel", "eval_files", "model_dir", "steps_per_loop", "save_checkpoints_steps",
     "eval_every_steps", "checkpoint_every_minutes", "results_json",
     "track_trust_ratios", "allow_changed_flags", "deterministic",
 )
@@ -558,8 +564,8 @@ def validate_flags(flags_):
     if flags_.vocab_file:
         bert_data.load_vocabulary(flags_.vocab_file)
     bert_models.load_bert_config(flags_.bert_config)
-    if flags_.init_checkpoint and not (
-            flags_.model_dir and tf.train.latest_checkpoint(flags_.model_dir)):
+    if (flags_.init_checkpoint and keras.backend.backend() == "tensorflow"
+            and run_state.checkpoint_step(flags_.model_dir) is None):
         bert_models.resolve_checkpoint(flags_.init_checkpoint)
 
 
@@ -629,28 +635,31 @@ def train(flags_, strategy=None, log=print):
     run, whose saved results are returned untouched)."""
     start = time.time()
     validate_flags(flags_)
-    if strategy is None:
-        # Before anything creates a tensor (a recipe builds its optimizer).
-        distribute.configure_cpu_devices(flags_.num_cpu_devices)
-    if getattr(flags_, "deterministic", False):
-        tf.config.experimental.enable_op_determinism()
     plan = plan_hyperparameters(flags_)
     if strategy is None:
-        strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
-                                           flags_.collective)
-    distribute.set_mixed_precision(flags_.mixed_precision)
-    is_chief = distribute.is_chief(strategy)
+        # Before anything creates a tensor.
+        runtime = distribute.setup(
+            flags_, deterministic=getattr(flags_, "deterministic", False),
+            layout_map=bert_models.layout_map)
+    else:  # a strategy made by the caller (the tests, the sweep)
+        if getattr(flags_, "deterministic", False):
+            import tensorflow as tf
+
+            tf.config.experimental.enable_op_determinism()
+        runtime = distribute.Runtime("tensorflow", strategy=strategy)
+        distribute.set_mixed_precision(flags_.mixed_precision)
+    is_chief = runtime.is_chief
     log = log if is_chief else (lambda *a, **k: None)
     k = plan["gradient_accumulation_steps"]
-    replicas = strategy.num_replicas_in_sync
+    replicas = runtime.num_replicas
     if plan["global_batch_size"] % (k * replicas):
         raise run_state.FlagError(
             f"--global_batch_size={plan['global_batch_size']} must be a "
             f"multiple of --gradient_accumulation_steps={k} x {replicas} "
             "replica(s): each replica runs k equal micro-batches per update."
         )
-    log(f"Strategy {flags_.strategy}: {strategy.num_replicas_in_sync} "
-        f"replica(s); {plan['global_batch_size']} sequences per update = {k} "
+    log(f"Engine {runtime.engine}, strategy {flags_.strategy} "
+        f"({runtime.name}): {replicas} replica(s); {plan['global_batch_size']} sequences per update = {k} "
         f"micro-batch(es) of {plan['micro_batch_size']} "
         f"({plan['micro_batch_size'] // replicas} per replica).")
     log("Plan: " + ", ".join(f"{n}={v}" for n, v in plan.items()))
@@ -661,8 +670,10 @@ def train(flags_, strategy=None, log=print):
     finished = record.start()
     if finished is not None:
         return None, finished
-    record.check_plan(plan)
-    keras.utils.set_random_seed(flags_.seed)
+    # Only JAX runs name their engine (see tpu_scripts/resnet/train.py).
+    record.check_plan(dict(plan, **({"engine": "jax"}
+                                    if runtime.engine == "jax" else {})))
+    distribute.set_random_seed(flags_.seed)
     for flag, patterns in (("--input_files", flags_.input_files),
                            ("--eval_files", flags_.eval_files)):
         if not patterns:
@@ -683,8 +694,8 @@ def train(flags_, strategy=None, log=print):
     model_fn, config = build_model_fn(flags_, plan)
     check_token_ids(flags_, train_input, config.vocabulary_size)
     track = flags_.track_trust_ratios and plan["optimizer"] in ("lamb", "lars")
-    loop = trainer.Trainer(
-        strategy, BertPretrainingTask(model_fn),
+    loop = runtime.trainer(
+        BertPretrainingTask(model_fn),
         lambda: make_training_optimizer(plan, track, flags_.mixed_precision),
         plan["global_batch_size"], model_dir=flags_.model_dir,
         steps_per_loop=flags_.steps_per_loop,
@@ -692,12 +703,11 @@ def train(flags_, strategy=None, log=print):
         gradient_accumulation_steps=k,
         unit="sequences",
     )
-    bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
-                                         flags_.model_dir, log)
+    if runtime.engine == "tensorflow":  # JAX checkpoints hold every variable
+        bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
+                                             flags_.model_dir, log)
     initialised_from = None
-    resuming = flags_.model_dir and tf.train.latest_checkpoint(
-        flags_.model_dir
-    )
+    resuming = run_state.checkpoint_step(flags_.model_dir) is not None
     if flags_.init_checkpoint and not resuming:
         initialised_from = bert_models.load_pretrained_weights(
             loop.model, flags_.init_checkpoint
@@ -730,7 +740,8 @@ def train(flags_, strategy=None, log=print):
         trust_ratios=trust_ratio_summary(loop.optimizer),
         weight_norm=weight_norm(loop.model),
         num_parameters=bert_models.count_parameters(loop.model),
-        num_replicas=strategy.num_replicas_in_sync,
+        num_replicas=runtime.num_replicas,
+        engine=runtime.engine,
         initialised_from=initialised_from,
         bert_config=config.__dict__,
         plan=plan,

@@ -782,6 +782,7 @@ def flag_values_dict(flags_):
 NOT_IDENTITY_FLAGS = (
     "strategy", "tpu", "num_cpu_devices", "collective", "jit_compile",
     "jax_num_processes", "jax_coordinator_address", "jax_process_id",
+    "model_parallel",
     "eval_split", "eval_batch_size", "eval_examples", "steps_per_loop",
     "eval_every", "epochs_between_evals", "checkpoint_every",
     "checkpoint_every_minutes",
