@@ -440,3 +440,72 @@ def test_two_processes_run_one_data_parallel_job(data_dir, tmp_path):
     for key, value in b.items():
         np.testing.assert_allclose(a[key], value, rtol=1e-4, atol=1e-6,
                                    err_msg=key)
+
+
+# Runs the script (argv[2:]) with the disk filled (a file at argv[1])
+# before the checkpoint of step 20 is written.
+FILL_DISK_AT_20 = """
+import runpy, sys
+from tpu_scripts import jax_trainer
+filler, script = sys.argv[1], sys.argv[2]
+save = jax_trainer.JaxTrainer.save
+def filling_save(self):
+    if self.current_step() == 20:
+        with open(filler, "wb", buffering=0) as f:  # nothing left to flush
+            try:
+                while True:
+                    f.write(b"\\0" * 65536)
+            except OSError:
+                pass
+    return save(self)
+jax_trainer.JaxTrainer.save = filling_save
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_full_disk_is_one_error_line_and_the_run_resumes(data_dir,
+                                                          tmp_path):
+    """A checkpoint that cannot be written (a full 4 MB tmpfs; skips where
+    mounting is refused): one `Error:` line, exit 1; the previous
+    checkpoint is intact and, once space is freed, the restart resumes from
+    it and finishes."""
+    from tpu_scripts import run_state
+
+    mount = str(tmp_path / "disk")
+    os.makedirs(mount)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                        mount], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot mount a tmpfs here: {e}")
+    try:
+        model_dir = os.path.join(mount, "run")
+        argv = small_run_flags(data_dir, model_dir=model_dir, train_steps=60,
+                               checkpoint_every=10, steps_per_loop=5)
+        # The disk fills up just before the checkpoint at step 20 (the run
+        # would outpace a filler started from here).
+        filler = os.path.join(mount, "filler")
+        victim = subprocess.Popen(
+            [sys.executable, "-c", FILL_DISK_AT_20, filler, SCRIPT, *argv],
+            cwd=ROOT, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT))
+        rc, text = _finish(victim)
+        assert rc == 1, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+        errors = [line for line in text.splitlines()
+                  if line.startswith("Error:")]
+        assert len(errors) == 1, text[-3000:]
+        assert "Could not write a checkpoint at step 20" in errors[0], errors
+        saved = run_state.checkpoint_step(model_dir)
+        assert saved == 10
+        os.remove(filler)
+        rc, text = _finish(_start(argv))
+        assert rc == 0, text[-3000:]
+        assert f"at step {saved}" in text
+        with open(os.path.join(model_dir, "results.json")) as f:
+            results = json.load(f)
+        assert results["complete"] and results["steps"] == 60
+    finally:
+        subprocess.run(["umount", "-l", mount], capture_output=True)

@@ -158,6 +158,25 @@ class Engine:
         if on_checkpoint is None and record is not None:
             on_checkpoint = record.checkpointed
         try:
+            return self._train_and_report(
+                train_input, train_steps, eval_input, eval_every_steps,
+                checkpoint_every_steps, checkpoint_every_seconds,
+                on_checkpoint, stop_fn, record)
+        except BaseException:
+            # The process may be about to exit with one error line: close
+            # the event files now (on a full disk, quietly).
+            for writer in (self._train_writer, self._eval_writer):
+                try:
+                    writer.close()
+                except _write_errors():
+                    pass
+            raise
+
+    def _train_and_report(self, train_input, train_steps, eval_input,
+                          eval_every_steps, checkpoint_every_steps,
+                          checkpoint_every_seconds, on_checkpoint, stop_fn,
+                          record):
+        try:
             return self._train(train_input, train_steps, eval_input,
                                eval_every_steps, checkpoint_every_steps,
                                checkpoint_every_seconds, on_checkpoint,
@@ -377,7 +396,9 @@ class _PreemptionWatcher:
                 trainer._checkpointed(time.time())
                 self._stop(step)
             return
-        if self.signalled:
+        # With several processes (JAX on a pod's hosts) a save is a
+        # collective: all stop at the same step if any was signalled.
+        if trainer._all_agree(self.signalled):
             if trainer._saved_step != step:
                 trainer.save()
             self._stop(step)

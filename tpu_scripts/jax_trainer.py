@@ -118,6 +118,7 @@ class JaxTrainer(Engine):
             self.eval_metrics = {
                 "loss": keras.metrics.Mean("loss"), **task.build_metrics()}
         self._global_step = 0
+        self._all_finite = None
         self.checkpoint_manager = None
         self._train_writer = self._eval_writer = NullWriter()
         if model_dir:
@@ -345,12 +346,17 @@ class JaxTrainer(Engine):
         return path
 
     def _check_finite_weights(self):
-        for v in self.model.variables:
-            if "float" in str(v.dtype) and not bool(
-                    jax.numpy.all(jax.numpy.isfinite(v.value))):
-                raise run_state.Diverged(
-                    self._global_step,
-                    f"the weight {v.path} is not finite at the checkpoint")
+        variables = [v for v in self.model.variables
+                     if "float" in str(v.dtype)]
+        if self._all_finite is None:  # one compiled reduction, one sync
+            self._all_finite = jax.jit(lambda values: jax.numpy.stack(
+                [jax.numpy.all(jax.numpy.isfinite(x)) for x in values]))
+        finite = np.asarray(self._all_finite([v.value for v in variables]))
+        if not finite.all():
+            path = variables[int(np.argmin(finite))].path
+            raise run_state.Diverged(
+                self._global_step,
+                f"the weight {path} is not finite at the checkpoint")
 
     def restore(self):
         """Restores the newest intact checkpoint; returns the step. A
@@ -478,10 +484,12 @@ class _Checkpoints:
             self._open().save(step, args=ocp.args.StandardSave(tree),
                               force=True)
             self._open().wait_until_finished()
-        except (OSError, ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 orbax and tensorstore raise
+            # many kinds for a full disk or a refused write.
             raise run_state.FlagError(
                 f"Could not write a checkpoint at step {step} to "
-                f"{self.directory}: {first_line(e)}. The previous "
+                f"{self.directory}: {type(e).__name__}: {first_line(e)}. "
+                "The previous "
                 "checkpoint is intact; free space (or fix the permissions) "
                 "and restart to resume.") from None
         return os.path.join(self.directory, str(step))

@@ -1,18 +1,20 @@
 """TensorBoard scalars for both engines.
 
-`create_writer(log_dir)` returns a writer with `write(scalars, step)` and
-`flush()`:
+`create_writer(log_dir)` returns a writer with `write(scalars, step)`,
+`flush()` and `close()`:
 
 - in a process that has imported TensorFlow, TensorFlow's own summary op
   writes (so training needs no `tensorboard` package; viewing does);
-- otherwise `tensorboardX` writes the same event files (the JAX engine
-  without TensorFlow; `pip install tensorboardX`);
+- otherwise `tensorboardX`'s record writer and protos write the same
+  event files, synchronously (the JAX engine without TensorFlow; `pip
+  install tensorboardX`);
 - with neither, a writer that writes nothing, and says so once.
 
 Writes go through the filesystems of the library underneath (TensorFlow's
 gfile, or tensorboardX's local/gs:// support).
 """
 
+import os
 import sys
 
 
@@ -40,19 +42,48 @@ class _TensorFlowWriter:
     def flush(self):
         self._writer.flush()
 
+    def close(self):
+        self._writer.close()
+
 
 class _TensorBoardXWriter:
-    def __init__(self, log_dir):
-        from tensorboardX import SummaryWriter
+    """Event files written with tensorboardX's record writer and protos,
+    synchronously: every failure (a full disk) surfaces in `write` or
+    `flush`, where the engine turns summaries off, instead of in a
+    background thread."""
 
-        self._writer = SummaryWriter(log_dir, flush_secs=60)
+    def __init__(self, log_dir):
+        import socket
+        import time
+
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.record_writer import RecordWriter, directory_check
+
+        self._event_pb2 = event_pb2
+        directory_check(log_dir)
+        self._writer = RecordWriter(os.path.join(
+            log_dir, f"events.out.tfevents.{int(time.time())}."
+            f"{socket.gethostname()}.{os.getpid()}"))
+        self._write_event(file_version="brain.Event:2")
+
+    def _write_event(self, **fields):
+        import time
+
+        event = self._event_pb2.Event(wall_time=time.time(), **fields)
+        self._writer.write(event.SerializeToString())
 
     def write(self, scalars, step):
+        from tensorboardX.summary import scalar
+
         for name, value in scalars.items():
-            self._writer.add_scalar(name, float(value), int(step))
+            self._write_event(step=int(step),
+                              summary=scalar(name, float(value)))
 
     def flush(self):
         self._writer.flush()
+
+    def close(self):
+        self._writer.close()
 
 
 class NullWriter:
@@ -62,6 +93,9 @@ class NullWriter:
         pass
 
     def flush(self):
+        pass
+
+    def close(self):
         pass
 
 
