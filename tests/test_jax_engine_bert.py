@@ -1,6 +1,6 @@
 """BERT pre-training on the JAX engine (`tpu_scripts/bert/pretrain.py` with
-`KERAS_BACKEND=jax`), on 8 virtual CPU devices: `test_jax_backend.py` runs
-this module with `test_jax_engine.py`.
+`KERAS_BACKEND=jax`) and SQuAD fine-tuning, on 8 virtual CPU devices:
+`test_jax_backend.py::test_jax_engine_bert` runs this module.
 
 The records are TFRecords read with `tf.data` on the host (TensorFlow
 installed; the engine and the model run on JAX):
@@ -10,7 +10,8 @@ installed; the engine and the model run on JAX):
   embedding, train as one device does (dropout on, accumulation);
 - a SIGTERM and a restart end bit for bit where an uninterrupted run does,
   dropout masks included;
-- phase 2 starts from phase 1's weights (`--init_checkpoint`).
+- phase 2 starts from phase 1's weights (`--init_checkpoint`), and so does
+  SQuAD fine-tuning, whose predictions are gathered from the devices.
 """
 
 import os
@@ -39,7 +40,7 @@ pytestmark = [
     pytest.mark.skipif(
         device_count() < DEVICES,
         reason="needs the JAX backend with 8 devices; run by "
-        "test_jax_backend.py::test_jax_engine"),
+        "test_jax_backend.py::test_jax_engine_bert"),
 ]
 pytest.importorskip("tensorflow_text")  # the records' tokenizer
 
@@ -172,3 +173,40 @@ def test_phase_2_starts_from_phase_1(records, tmp_path, one_device):
     assert results["initialised_from"] == loaded
     assert any(line.startswith("Initialised the model from") for line in
                lines)
+
+
+def test_squad_fine_tuning_on_jax_from_a_jax_pre_training(records, tmp_path,
+                                                          one_device):
+    """SQuAD v1.1 fine-tuning on JAX (data parallel over 8 devices), its
+    encoder from the JAX pre-training run: predictions for every question
+    of the file, gathered from the devices."""
+    import json
+
+    from absl import flags
+
+    from tpu_scripts.bert import finetune_squad
+    from tpu_scripts.bert import squad as bert_squad
+
+    squad = os.path.join(HERE, "fixtures", "squad_tiny.json")
+    _, pretrained = one_device
+    fv = flags.FlagValues()
+    finetune_squad.define_flags(fv)
+    model_dir = tmp_path / "squad"
+    fv(["finetune_squad", f"--train_file={squad}", f"--predict_file={squad}",
+        f"--vocab_file={os.path.join(records, 'vocab.txt')}",
+        f"--bert_config={NANO}",
+        f"--init_checkpoint={pretrained['flags']['model_dir']}",
+        "--max_seq_length=64", "--doc_stride=16", "--max_query_length=16",
+        "--global_batch_size=8", "--predict_batch_size=8",
+        "--train_steps=4", "--steps_per_loop=2", "--learning_rate=1e-3",
+        "--strategy=data_parallel", f"--model_dir={model_dir}"])
+    lines = []
+    results = finetune_squad.run(fv, log=lambda *a, **k: lines.append(a[0]))
+    assert any(line.startswith("Encoder initialised from") for line in lines)
+    assert results["engine"] == "jax" and results["num_replicas"] == DEVICES
+    assert results["count"] == 9 and results["missing"] == 0
+    assert 0 <= results["exact_match"] <= results["f1"] <= 100
+    with open(model_dir / "predictions.json") as f:
+        predictions = json.load(f)
+    assert set(predictions) == {e.qas_id for e in
+                                bert_squad.read_squad_json(squad)}

@@ -308,6 +308,35 @@ class JaxTrainer(Engine):
             variable.assign(value)
         return self._results(self.eval_metrics)
 
+    def predict(self, input_fn, outputs_fn):
+        """Yields, per batch of the input object `input_fn` (every example
+        once), `outputs_fn(model, batch)` (a tuple of arrays, computed
+        by the devices; inference mode) as NumPy, gathered from every
+        process."""
+        from jax.experimental import multihost_utils
+
+        model = self.model
+
+        def step(trainable, non_trainable, batch):
+            mapping = list(zip(model.trainable_variables, trainable)) + list(
+                zip(model.non_trainable_variables, non_trainable))
+            with keras.StatelessScope(state_mapping=mapping):
+                return outputs_fn(model, batch)
+
+        step = jax.jit(step)
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        iterator = host_batches(input_fn, 0, 0)
+        for _ in range(input_fn.steps_per_epoch):
+            batch = jax.tree.map(
+                lambda t: self._global_array(np.asarray(t), 0),
+                next(iterator))
+            outputs = step(trainable, non_trainable, batch)
+            if self.num_processes > 1:
+                outputs = multihost_utils.process_allgather(outputs,
+                                                            tiled=True)
+            yield tuple(np.asarray(x) for x in outputs)
+
     def _sync_replica_statistics(self):
         """Nothing to do: one global copy of every statistic (batch norm
         normalizes over the global batch)."""

@@ -31,7 +31,8 @@ if __package__ in (None, ""):  # run as a file: make `tpu_scripts` importable
     sys.path.insert(0, os.path.abspath(
         os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ["KERAS_BACKEND"] = "tensorflow"
+if __name__ == "__main__":  # TensorFlow unless KERAS_BACKEND=jax
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from absl import app, flags  # noqa: E402
 
@@ -144,14 +145,15 @@ def validate_flags(flags_):
     bert_pretrain.check_finite_flags(_flag_values(flags_))
     run_state.check_init_checkpoint(flags_.init_checkpoint, flags_.model_dir)
     # The files, before anything is written (run_identity.json).
-    import tensorflow as tf
+    import keras
 
+    from tpu_scripts import fileio
     from tpu_scripts.bert import data as bert_data
     from tpu_scripts.bert import models as bert_models
 
     for name in ("train_file", "predict_file"):
         path = getattr(flags_, name)
-        if path and not tf.io.gfile.exists(path):
+        if path and not fileio.exists(path):
             raise run_state.DataError(
                 f"--{name}={path} does not exist. SQuAD v1.1's files are "
                 "train-v1.1.json and dev-v1.1.json "
@@ -160,7 +162,7 @@ def validate_flags(flags_):
             )
     bert_data.load_vocabulary(flags_.vocab_file)
     bert_models.load_bert_config(flags_.bert_config)
-    if flags_.init_checkpoint:
+    if flags_.init_checkpoint and keras.backend.backend() == "tensorflow":
         bert_models.resolve_checkpoint(flags_.init_checkpoint)
 
 
@@ -172,25 +174,20 @@ def _flag_values(flags_):
 
 def run(flags_, log=print):
     """Fine-tunes and evaluates as `flags_` say; returns the results."""
-    import keras
-
-    from tpu_scripts import run_state, trainer
+    from tpu_scripts import run_state
     from tpu_scripts.bert import (data as bert_data, models as bert_models,
                                   squad as bert_squad)
 
     start = time.time()
     validate_flags(flags_)
-    distribute.configure_cpu_devices(flags_.num_cpu_devices)
-    strategy = distribute.get_strategy(flags_.strategy, flags_.tpu,
-                                       flags_.collective)
-    distribute.set_mixed_precision(flags_.mixed_precision)
-    is_chief = distribute.is_chief(strategy)
+    runtime = distribute.setup(flags_, layout_map=bert_models.layout_map)
+    is_chief = runtime.is_chief
     log = log if is_chief else (lambda *a, **k: None)
     distribute.per_replica_batch_size(flags_.global_batch_size,
-                                      strategy.num_replicas_in_sync)
+                                      runtime.num_replicas)
     distribute.per_replica_batch_size(
         flags_.predict_batch_size or flags_.global_batch_size,
-        strategy.num_replicas_in_sync, "predict_batch_size")
+        runtime.num_replicas, "predict_batch_size")
     record = run_state.RunRecord(
         flags_.model_dir, {n: v for n, v in _flag_values(flags_).items()
                            if n not in NOT_IDENTITY_FLAGS},
@@ -200,7 +197,7 @@ def run(flags_, log=print):
     finished = record.start()
     if finished is not None:
         return finished
-    keras.utils.set_random_seed(flags_.seed)
+    distribute.set_random_seed(flags_.seed)
     vocabulary = bert_data.load_vocabulary(flags_.vocab_file)
     tokenizer = bert_data.make_tokenizer(vocabulary, flags_.do_lower_case)
 
@@ -248,8 +245,11 @@ def run(flags_, log=print):
         epsilon=1e-6, clipnorm=1.0, momentum=0.9, trust_coefficient=1e-3,
         gradient_accumulation_steps=1,
     )
-    record.check_plan(dict(plan, global_batch_size=flags_.global_batch_size,
-                           train_features=len(train_arrays["input_ids"])))
+    record.check_plan(dict(
+        plan, global_batch_size=flags_.global_batch_size,
+        train_features=len(train_arrays["input_ids"]),
+        # Only JAX runs name their engine (see tpu_scripts/resnet/train.py).
+        **({"engine": "jax"} if runtime.engine == "jax" else {})))
     config = bert_models.load_bert_config(
         flags_.bert_config, vocabulary_size=len(vocabulary),
         dropout=flags_.dropout,
@@ -266,8 +266,8 @@ def run(flags_, log=print):
             log(f"Encoder initialised from {prefix}.")
         return bert_models.BertSpanModel(backbone)
 
-    loop = trainer.Trainer(
-        strategy, bert_squad.SquadTask(model_fn),
+    loop = runtime.trainer(
+        bert_squad.SquadTask(model_fn),
         lambda: bert_pretrain.make_training_optimizer(
             plan, mixed_precision=flags_.mixed_precision,
         ),
@@ -276,8 +276,9 @@ def run(flags_, log=print):
         jit_compile=flags_.jit_compile, log=log,
         unit="sequences",
     )
-    bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
-                                         flags_.model_dir, log)
+    if runtime.engine == "tensorflow":  # JAX checkpoints hold every variable
+        bert_models.checkpoint_dropout_state(loop.checkpoint, loop.model,
+                                             flags_.model_dir, log)
     outcome = loop.train(
         train_input, train_steps,
         checkpoint_every_steps=train_input.steps_per_epoch,
@@ -286,7 +287,7 @@ def run(flags_, log=print):
     )
     totals = record.totals(flags_.global_batch_size)
     start_logits, end_logits = bert_squad.predict_logits(
-        strategy, loop.model, predict_arrays,
+        loop, predict_arrays,
         flags_.predict_batch_size or flags_.global_batch_size,
     )
     predictions = bert_squad.best_answers(
@@ -305,7 +306,7 @@ def run(flags_, log=print):
         wall_seconds=time.time() - start,
         train_features=len(train_arrays["input_ids"]),
         predict_features=len(predict_arrays["input_ids"]),
-        num_replicas=strategy.num_replicas_in_sync, plan=plan,
+        num_replicas=runtime.num_replicas, engine=runtime.engine, plan=plan,
         flags=_flag_values(flags_),
     )
     log(f"SQuAD v1.1: exact match {metrics['exact_match']:.2f}, F1 "

@@ -22,9 +22,10 @@ import string
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from tpu_scripts import trainer
+from tpu_scripts import fileio
+from tpu_scripts.tasks import Task
 from tpu_scripts.run_state import DataError
 from tpu_scripts.bert import data as bert_data
 
@@ -44,9 +45,9 @@ def read_squad_json(path):
     truncated) or lacks SQuAD's fields is a `run_state.DataError` naming
     it."""
     try:
-        with tf.io.gfile.GFile(path, "rb") as f:
+        with fileio.GFile(path, "rb") as f:
             dataset = json.loads(f.read())
-    except (OSError, tf.errors.OpError) as e:
+    except OSError as e:
         raise DataError(f"Cannot read {path}: {e}") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise DataError(
@@ -209,7 +210,7 @@ def make_features(examples, tokenizer, vocabulary, max_seq_length=384,
 # Task and prediction
 
 
-class SquadTask(trainer.Task):
+class SquadTask(Task):
     """Mean of the start and end cross-entropies, per feature."""
 
     MODEL_INPUTS = ("input_ids", "input_mask", "segment_ids")
@@ -234,12 +235,14 @@ class SquadTask(trainer.Task):
         outputs = model({k: batch[k] for k in self.MODEL_INPUTS},
                         training=training)
         loss = 0.5 * (
-            tf.nn.sparse_softmax_cross_entropy_with_logits(
-                batch["start_positions"], outputs["start_logits"]
-            )
-            + tf.nn.sparse_softmax_cross_entropy_with_logits(
-                batch["end_positions"], outputs["end_logits"]
-            )
+            ops.sparse_categorical_crossentropy(
+                batch["start_positions"],
+                ops.cast(outputs["start_logits"], "float32"),
+                from_logits=True)
+            + ops.sparse_categorical_crossentropy(
+                batch["end_positions"],
+                ops.cast(outputs["end_logits"], "float32"),
+                from_logits=True)
         )
         weights = self.example_weights(batch)
         if weights is not None:
@@ -261,13 +264,32 @@ class SquadTask(trainer.Task):
         )
 
 
-def predict_logits(strategy, model, arrays, global_batch_size):
+def predict_logits(loop, arrays, global_batch_size):
     """`(start_logits, end_logits)` `[n, seq]` for every feature, computed
-    by the replicas of `strategy` (features padded to whole batches)."""
+    by the devices of the trainer `loop` (either engine; features padded to
+    whole batches)."""
     inputs = {k: arrays[k] for k in SquadTask.MODEL_INPUTS + (
         "feature_index",)}
     input_fn = bert_data.ArrayInput(inputs, global_batch_size,
                                     training=False)
+    n, seq = arrays["input_ids"].shape
+    start_logits = np.zeros((n, seq), np.float32)
+    end_logits = np.zeros((n, seq), np.float32)
+    if keras.backend.backend() == "jax":
+        def outputs_fn(model, b):
+            out = model({k: b[k] for k in SquadTask.MODEL_INPUTS},
+                        training=False)
+            return (b["feature_index"], b["example_weight"],
+                    out["start_logits"], out["end_logits"])
+
+        for index, weight, start, end in loop.predict(input_fn, outputs_fn):
+            keep = weight > 0
+            start_logits[index[keep]] = start[keep]
+            end_logits[index[keep]] = end[keep]
+        return start_logits, end_logits
+    import tensorflow as tf
+
+    strategy, model = loop.strategy, loop.model
     dataset = strategy.distribute_datasets_from_function(input_fn)
 
     @tf.function
@@ -283,9 +305,6 @@ def predict_logits(strategy, model, arrays, global_batch_size):
         return [strategy.gather(x, axis=0)
                 for x in strategy.run(replica_fn, args=(batch,))]
 
-    n, seq = arrays["input_ids"].shape
-    start_logits = np.zeros((n, seq), np.float32)
-    end_logits = np.zeros((n, seq), np.float32)
     for batch in dataset:
         index, weight, start, end = (np.asarray(x) for x in step(batch))
         keep = weight > 0
