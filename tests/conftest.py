@@ -76,6 +76,33 @@ def run_lockstep(optimizer, reference, steps=6, dtype="float32"):
     return variables
 
 
+def write_tiny_fashion_mnist(path):
+    """The four Fashion-MNIST IDX files of a tiny random data set (64
+    training and 32 test images of 8x8) in `path`; returns `path`."""
+    from tpu_scripts.resnet import data
+
+    rng = np.random.default_rng(0)
+    data.write_fashion_mnist(
+        path,
+        (rng.integers(0, 256, (64, 8, 8)), rng.integers(0, 10, 64)),
+        (rng.integers(0, 256, (32, 8, 8)), rng.integers(0, 10, 32)),
+    )
+    return path
+
+
+def small_run_flags(data_dir, **overrides):
+    """ResNet script flags of a tiny run on `write_tiny_fashion_mnist`'s
+    data: 8x8 images, a 2-stage ResNet, LARS, 6 steps."""
+    values = dict(
+        dataset="fashion_mnist", data_dir=data_dir, model="small_resnet",
+        small_resnet_widths="4,8", small_resnet_blocks=1,
+        global_batch_size=16, optimizer="lars", learning_rate=2.0,
+        warmup_epochs=0.5, steps_per_loop=2, seed=1, train_steps=6,
+    )
+    values.update(overrides)
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
 def free_ports(count):
     """`count` free TCP ports on 127.0.0.1 (for loopback workers)."""
     sockets = [socket.socket() for _ in range(count)]

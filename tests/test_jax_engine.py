@@ -23,7 +23,8 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BACKEND
+from conftest import BACKEND, write_tiny_fashion_mnist
+from conftest import small_run_flags as tiny_run_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -53,33 +54,14 @@ pytestmark = pytest.mark.skipif(
 DATA_PARALLEL_TOLERANCE = dict(rtol=2e-5, atol=2e-6)
 
 
-def write_data(path):
-    from tpu_scripts.resnet import data
-
-    rng = np.random.default_rng(0)
-    data.write_fashion_mnist(
-        path,
-        (rng.integers(0, 256, (64, 8, 8)), rng.integers(0, 10, 64)),
-        (rng.integers(0, 256, (32, 8, 8)), rng.integers(0, 10, 32)),
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return write_data(str(tmp_path_factory.mktemp("fashion_mnist")))
+    return write_tiny_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
 
 
 def small_run_flags(data_dir, **overrides):
-    values = dict(
-        dataset="fashion_mnist", data_dir=data_dir, model="small_resnet",
-        small_resnet_widths="4,8", small_resnet_blocks=1,
-        global_batch_size=16, optimizer="lars", learning_rate=2.0,
-        warmup_epochs=0.5, steps_per_loop=2, seed=1, train_steps=6,
-        track_trust_ratios=False,
-    )
-    values.update(overrides)
-    return [f"--{k}={v}" for k, v in values.items()]
+    return tiny_run_flags(data_dir, **{"track_trust_ratios": False,
+                                       **overrides})
 
 
 def run_script(argv, log=None):

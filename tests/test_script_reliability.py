@@ -20,7 +20,7 @@ from absl import flags  # noqa: E402
 
 from test_tpu_distributed import (  # noqa: E402
     checkpoint_values, finish, read_until, small_run_flags, start)
-from conftest import free_ports  # noqa: E402
+from conftest import free_ports, write_tiny_fashion_mnist  # noqa: E402
 from tpu_scripts import run_state  # noqa: E402
 from tpu_scripts.bert import data as bert_data  # noqa: E402
 from tpu_scripts.bert import finetune_squad  # noqa: E402
@@ -28,7 +28,6 @@ from tpu_scripts.bert import models as bert_models  # noqa: E402
 from tpu_scripts.bert import pretrain as bert_pretrain  # noqa: E402
 from tpu_scripts.bert import squad as bert_squad  # noqa: E402
 from tpu_scripts.bert import sweep_batch_size as bert_sweep  # noqa: E402
-from tpu_scripts.resnet import data  # noqa: E402
 from tpu_scripts.resnet import sweep_batch_size as resnet_sweep  # noqa: E402
 from tpu_scripts.resnet import train as resnet_train  # noqa: E402
 
@@ -46,16 +45,6 @@ NANO = os.path.join(HERE, "fixtures", "bert_nano.json")
 
 def ram_dir(name):
     return f"ram://{name}_{uuid.uuid4().hex[:8]}"
-
-
-def write_tiny_fashion_mnist(path):
-    rng = np.random.default_rng(0)
-    data.write_fashion_mnist(
-        path,
-        (rng.integers(0, 256, (64, 8, 8)), rng.integers(0, 10, 64)),
-        (rng.integers(0, 256, (32, 8, 8)), rng.integers(0, 10, 32)),
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from tpu_scripts.resnet import data  # noqa: E402
-from conftest import background, free_ports  # noqa: E402
+from conftest import (  # noqa: E402
+    background, free_ports, small_run_flags, write_tiny_fashion_mnist)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tpu_scripts", "resnet", "train.py")
@@ -33,26 +33,8 @@ TIMEOUT = 240  # seconds per process; the runs take ~10 s on an idle core
 MIRRORED_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 
-def small_run_flags(data_dir, **overrides):
-    """Flags of a tiny run: 8x8 images, a 2-stage ResNet, LARS."""
-    values = dict(
-        dataset="fashion_mnist", data_dir=data_dir, model="small_resnet",
-        small_resnet_widths="4,8", small_resnet_blocks=1,
-        global_batch_size=16, optimizer="lars", learning_rate=2.0,
-        warmup_epochs=0.5, steps_per_loop=2, seed=1, train_steps=6,
-    )
-    values.update(overrides)
-    return [f"--{k}={v}" for k, v in values.items()]
-
-
 def write_data(path):
-    rng = np.random.default_rng(0)
-    data.write_fashion_mnist(
-        path,
-        (rng.integers(0, 256, (64, 8, 8)), rng.integers(0, 10, 64)),
-        (rng.integers(0, 256, (32, 8, 8)), rng.integers(0, 10, 32)),
-    )
-    return path
+    return write_tiny_fashion_mnist(path)
 
 
 @pytest.fixture(scope="module")
