@@ -491,3 +491,18 @@ def test_a_full_disk_is_one_error_line_and_the_run_resumes(data_dir,
         assert results["complete"] and results["steps"] == 60
     finally:
         subprocess.run(["umount", "-l", mount], capture_output=True)
+
+
+def test_a_checkpoint_of_another_model_is_an_error_not_damage(data_dir,
+                                                              tmp_path):
+    from tpu_scripts import run_state
+
+    model_dir = tmp_path / "run"
+    run_script(small_run_flags(data_dir, model_dir=model_dir, train_steps=3))
+    with pytest.raises(run_state.FlagError,
+                       match="does not match the model.*of other shapes"):
+        run_script(small_run_flags(
+            data_dir, model_dir=model_dir, small_resnet_widths="4,16",
+            allow_changed_flags=True))
+    # Nothing was set aside as damaged.
+    assert os.listdir(model_dir / "checkpoints") == ["3"]

@@ -164,10 +164,12 @@ class Engine:
                 on_checkpoint, stop_fn, record)
         except BaseException:
             # The process may be about to exit with one error line: close
-            # the event files now (on a full disk, quietly).
-            for writer in (self._train_writer, self._eval_writer):
+            # the event files (on a full disk, quietly) and the checkpoint
+            # writer now.
+            for writer in (self._train_writer, self._eval_writer,
+                           self.checkpoint_manager):
                 try:
-                    writer.close()
+                    getattr(writer, "close", lambda: None)()
                 except _write_errors():
                     pass
             raise

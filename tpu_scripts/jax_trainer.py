@@ -500,7 +500,9 @@ class _Checkpoints:
 
         if self._manager is None:
             self._manager = ocp.CheckpointManager(
-                self.directory, options=ocp.CheckpointManagerOptions(
+                self.directory,
+                item_handlers=ocp.StandardCheckpointHandler(),
+                options=ocp.CheckpointManagerOptions(
                     max_to_keep=self.max_to_keep, create=True,
                     enable_async_checkpointing=False,
                     cleanup_tmp_directories=True))
@@ -559,22 +561,26 @@ class _Checkpoints:
         the model's (other flags); a checkpoint whose metadata cannot be
         read is left to the restore (damaged)."""
         try:
-            metadata = self._open().item_metadata(step)
+            saved = [tuple(m.shape) for m in
+                     jax.tree.leaves(self._open().item_metadata(step))]
         except Exception:  # noqa: BLE001 damaged: the restore says so
             return
-        if metadata is None:
-            return
-        try:
-            saved = jax.tree.map(lambda m: tuple(m.shape), dict(metadata))
-        except Exception:  # noqa: BLE001 a layout orbax cannot describe
-            return
-        wanted = jax.tree.map(lambda a: tuple(np.shape(a)), target)
-        if jax.tree.structure(saved) != jax.tree.structure(wanted) or (
-                jax.tree.leaves(saved) != jax.tree.leaves(wanted)):
+        wanted = [tuple(np.shape(a)) for a in jax.tree.leaves(target)]
+        if saved != wanted:
             raise run_state.FlagError(
-                f"The checkpoint {path} does not match the model (its "
-                "variables have other shapes or count). Use the flags it "
-                "was written with, or a new --model_dir.")
+                f"The checkpoint {path} does not match the model: it holds "
+                f"{len(saved)} arrays, the model and optimizer "
+                f"{len(wanted)}"
+                + ("" if len(saved) != len(wanted) else ", of other shapes")
+                + ". Use the flags it was written with, or a new "
+                "--model_dir.")
+
+    def close(self):
+        """Waits for and closes orbax's manager (its threads and event
+        loop), so that an exit after an error prints nothing more."""
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
 
     def _set_aside(self, paths):
         if jax.process_index() != 0:
