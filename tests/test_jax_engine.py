@@ -506,3 +506,40 @@ def test_a_checkpoint_of_another_model_is_an_error_not_damage(data_dir,
             allow_changed_flags=True))
     # Nothing was set aside as damaged.
     assert os.listdir(model_dir / "checkpoints") == ["3"]
+
+
+@pytest.mark.no_tensorflow_needed
+def test_file_layer_on_a_remote_filesystem_without_tensorflow():
+    """`tpu_scripts.fileio` through fsspec (its in-memory filesystem stands
+    in for gs://): atomic writes, listing, globbing, renames that refuse
+    to overwrite, and the run's lock."""
+    import uuid
+
+    from tpu_scripts import fileio, run_state
+
+    root = f"memory://run-{uuid.uuid4().hex[:8]}"
+    run_state.write_json(f"{root}/results.json", {"top1": 0.5})
+    assert run_state.read_json(f"{root}/results.json") == {"top1": 0.5}
+    assert fileio.listdir(root) == ["results.json"]
+    found = fileio.glob(f"{root}/*.json")  # paths the layer reads back
+    assert [p.rsplit("/", 1)[-1] for p in found] == ["results.json"]
+    assert run_state.read_json(found[0]) == {"top1": 0.5}
+    with fileio.GFile(f"{root}/a.txt", "w") as f:
+        f.write("a")
+    with pytest.raises(FileExistsError):
+        fileio.rename(f"{root}/a.txt", f"{root}/results.json")
+    fileio.rename(f"{root}/a.txt", f"{root}/b.txt")
+    assert sorted(fileio.listdir(root)) == ["b.txt", "results.json"]
+    with pytest.raises(FileNotFoundError):
+        fileio.GFile(f"{root}/missing.txt").read()
+    lock = run_state.RunLock(root, log=lambda *a, **k: None).acquire()
+    lock.release()
+    assert not fileio.exists(f"{root}/{run_state.LOCK_FILENAME}")
+    # A live holder on another host (fresh heartbeat) keeps it.
+    run_state.write_json(f"{root}/{run_state.LOCK_FILENAME}", dict(
+        host="another-host", pid=1, token="theirs", heartbeat=time.time(),
+        started=time.time()))
+    with pytest.raises(run_state.LockedError, match="another-host"):
+        run_state.RunLock(root, log=lambda *a, **k: None).acquire()
+    if TENSORFLOW_BLOCKED:
+        assert sys.modules.get("tensorflow") is None

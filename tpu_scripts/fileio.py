@@ -149,9 +149,9 @@ def glob(pattern):
         return sorted(_translated(lambda: gfile.glob(pattern)))
     if _is_local(pattern):
         return sorted(_glob.glob(_local(pattern)))
-    protocol = str(pattern).split("://", 1)[0]
-    return sorted(f"{protocol}://{p}" if "://" not in p else p
-                  for p in _fs(pattern).glob(pattern))
+    fs = _fs(pattern)
+    return sorted(p if "://" in p else fs.unstrip_protocol(p)
+                  for p in fs.glob(pattern))
 
 
 def remove(path):
