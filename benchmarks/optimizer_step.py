@@ -86,8 +86,8 @@ TORCH_PEERS = ["torch.AdamW", "torch.SGD-momentum", "timm.Lamb", "timm.Lars"]
 # per-variable reference path (the code before the fast path), the
 # backend-neutral step on torch (`neutral`), each way of
 # computing the norms (the defaults depend on the backend and device), both
-# norms in one stacked reduction or in two, and no exclusions (every variable
-# decayed and adapted). Variants combine with `+`:
+# norms in one reduction or in two, LAMB's update recomputed for its norm or
+# stored, and no exclusions (every variable decayed and adapted). Variants combine with `+`:
 # `keras_lamb.LAMB[adapt-all+joint]`.
 VARIANTS = {
     "reference": {"_use_reference_path": True},
@@ -97,6 +97,7 @@ VARIANTS = {
     "reduce": {"_norm_method": "reduce"},
     "matvec": {"_norm_method": "matvec"},
     "rows": {"_norm_method": "rows"},
+    "multi_output": {"_norm_method": "multi_output"},
     "joint": {"_joint_norms": True},
     "separate": {"_joint_norms": False},
     "recompute": {"_recompute_update": True},
@@ -152,9 +153,9 @@ def define_flags():
         "--optimizers", default=",".join(KERAS_OPTIMIZERS + OPTAX_OPTIMIZERS),
         help="comma-separated optimizers from " + ", ".join(ALL_OPTIMIZERS)
         + " (optax ones run on the JAX backend only; `[reference]` is the "
-        "per-variable reference path of keras_lamb, `[reduce]`, `[matvec]` "
-        "and `[rows]` force a way of computing the norms, `[joint]` and "
-        "`[separate]` reduce both norms in one pass or in two, "
+        "per-variable reference path of keras_lamb, `[reduce]`, `[matvec]`, "
+        "`[rows]` and `[multi_output]` force a way of computing the norms, "
+        "`[joint]` and `[separate]` reduce both norms in one pass or in two, "
         "`[recompute]` and `[store]` form LAMB's update again for its norm "
         "or keep it between the two, "
         "`[adapt-all]` drops the exclusions; combine variants with `+`, "

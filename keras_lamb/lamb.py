@@ -207,7 +207,7 @@ class LAMB(LayerwiseAdaptiveOptimizer):
         w_norm = u_norm = None
         if use_adaptation or self._stats is not None:
             e_for_norm = e
-            if self._recompute_for_norm():
+            if self._recompute_for_norm(w):
                 # The same values, formed a second time so that a compiler
                 # cannot merge the two: each consumer then fuses its own
                 # copy of the elementwise math, and `e` is never stored.

@@ -131,44 +131,60 @@ def default_norm_method():
     """The `sum_of_squares` method measured fastest where the step runs.
 
     `"matvec"` for TensorFlow on CPU (XLA:CPU reductions are serial loops;
-    without XLA both methods cost the same), `"reduce"` elsewhere (JAX's
-    XLA:CPU; on an H100 `"reduce"` and `"rows"` were within noise). See
-    docs/performance.md.
+    without XLA both methods cost the same), `"multi_output"` for JAX on CPU
+    (LAMB's two sums in one multi-output reduction, `keras_lamb.jax_norms`;
+    one tensor's sum is `"reduce"`), `"reduce"` elsewhere (on an H100
+    `"reduce"` and `"rows"` were within noise). See docs/performance.md.
     """
-    if keras.backend.backend() == "tensorflow" and not on_accelerator():
+    if on_accelerator():
+        return "reduce"
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         return "matvec"
+    if backend == "jax":
+        return "multi_output"
     return "reduce"
 
 
 def default_joint_norms():
-    """Whether LAMB reduces the two norms of a variable in one stacked pass.
+    """Whether LAMB reduces the two norms of a variable in one pass.
 
     On for GPUs and TPUs: measured on an H100 (JAX, BERT-large shapes), the
     LAMB step fell from 9.6 to 8.2 ms, because XLA:GPU otherwise fuses the
     norms with the moment updates into a reduction whose outputs cannot
-    share the slots' buffers and copies every m and v once more. Off on
-    CPU, where it was measured slower (BERT-base shapes: JAX 440 -> 728 ms,
-    TensorFlow without XLA 524 -> 613 ms, with XLA within noise).
+    share the slots' buffers and copies every m and v once more. On for JAX
+    on CPU, with `default_norm_method()`'s multi-output reduction (a stacked
+    one was measured slower there: BERT-base shapes 440 -> 728 ms). Off for
+    TensorFlow on CPU (without XLA 524 -> 613 ms, with XLA within noise).
     """
-    return on_accelerator()
+    return on_accelerator() or keras.backend.backend() == "jax"
 
 
-def default_recompute_for_norm():
+def default_recompute_for_norm(tensor=None):
     """Whether LAMB recomputes its update for the norm instead of storing it.
 
-    Asked when a step is traced. On for TensorFlow compiled with XLA on a
-    CPU (`jit_compile=True`, Keras's default for `fit` where it can): stored,
-    the update of every variable lives until its norm is known, and XLA:CPU
-    allocates a scratch buffer the size of the model (4 bytes per parameter)
-    on each step, which the system pages in afresh every time. Measured on
-    an AMD EPYC (BERT-base shapes): 107,000 page faults per step and 2.8x
-    Keras Adam's time stored, none and 1.5x recomputed. Off elsewhere:
-    storing was measured faster for TensorFlow without XLA (each op is
-    materialized, so recomputing adds work: 991 -> 1127 ms) and for JAX on
-    CPU (382 -> 531 ms); GPUs and TPUs pool device memory and keep the path
-    measured there. See docs/performance.md.
+    Asked when a step is traced, with one of its tensors. On for XLA on a
+    CPU: TensorFlow compiled with XLA (`jit_compile=True`, Keras's default
+    for `fit` where it can) and JAX inside `jax.jit` (`tensor` a tracer, as
+    in `fit` and `stateless_apply` under `jit`). Stored, the update of every
+    variable lives until its norm is known, and XLA:CPU allocates a scratch
+    buffer the size of the model (4 bytes per parameter) on each step, which
+    the system pages in afresh every time. Measured on an AMD EPYC (BERT-base
+    shapes): 107,000 page faults per step under both backends; TensorFlow
+    2.8x Keras Adam's time stored, 1.5x recomputed. Off elsewhere:
+    without a compiler (TensorFlow without XLA, JAX op by op) each operation
+    is materialized, so recomputing adds work (TensorFlow: 991 -> 1127 ms);
+    GPUs and TPUs pool device memory and keep the path measured there. See
+    docs/performance.md.
     """
-    if keras.backend.backend() != "tensorflow" or on_accelerator():
+    if on_accelerator():
+        return False
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return isinstance(tensor, jax.core.Tracer)
+    if backend != "tensorflow":
         return False
     import tensorflow as tf  # already imported by the Keras backend
 
@@ -483,10 +499,11 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                                           new_state + [new_w]):
                 self.assign(destination, ops.cast(value, destination.dtype))
 
-    def _recompute_for_norm(self):
-        """`_recompute_update`, or its default where the step runs."""
+    def _recompute_for_norm(self, tensor=None):
+        """`_recompute_update`, or its default where the step runs (asked
+        with one of the step's tensors)."""
         if self._recompute_update is None:
-            return default_recompute_for_norm()
+            return default_recompute_for_norm(tensor)
         return self._recompute_update
 
     def _layer_flags(self, variable):

@@ -94,28 +94,77 @@ def lamb_update(optimizer, grads, variables, learning_rate):
 
 @torch.no_grad()
 def lars_update(optimizer, grads, variables, learning_rate):
-    """LARS's step (`LARS._layerwise_update`) on float32 `variables`."""
+    """LARS's step (`LARS._layerwise_update`) on float32 `variables`.
+
+    The norms of w and g are read only for the variables adapted (or
+    tracked); then the momentum and the weights move in blocks of about
+    `BLOCK` values, all four passes over one block before the next, so that
+    w, g and v are read from memory once and the later passes hit the
+    cache (grouped per pass over all variables, each pass streamed the
+    whole model from memory again).
+    """
     indices, w, g, (velocity,) = _gather(optimizer, grads, variables)
     lr = optimizer._step_scalars(learning_rate, "float32")["lr"]
     wd = optimizer.weight_decay
+    count = len(w)
     decay = [bool(wd) and optimizer._apply_decay[i] for i in indices]
     adapted = [optimizer._apply_adaptation[i] for i in indices]
-    count = len(w)
     tracking = optimizer._stats is not None
-    if any(adapted) or tracking:
-        w_norms = torch.stack(torch._foreach_norm(w))
-        g_norms = torch.stack(torch._foreach_norm(g))
-        wds = torch.tensor([wd if d else 0.0 for d in decay],
+    normed = [k for k in range(count) if adapted[k] or tracking]
+    step_sizes = [lr] * count  # the same 0-dim tensor where not adapted
+    if normed:
+        w_norms = torch.stack(torch._foreach_norm([w[k] for k in normed]))
+        g_norms = torch.stack(torch._foreach_norm([g[k] for k in normed]))
+        wds = torch.tensor([wd if decay[k] else 0.0 for k in normed],
                            dtype=w_norms.dtype, device=w_norms.device)
         ratios = _ratios(
-            adapted, lambda p: optimizer._trust_ratio(
+            [adapted[k] for k in normed], lambda p: optimizer._trust_ratio(
                 w_norms[p], g_norms[p], wds[p], lr),
-            count, w_norms.dtype, w_norms.device)
-        _record(optimizer, indices, w_norms, g_norms, ratios, lr)
-        step_sizes = torch.unbind(lr * ratios)
-    else:
-        step_sizes = [lr] * count  # the same 0-dim tensor
-    decayed = [k for k in range(count) if decay[k]]
+            len(normed), w_norms.dtype, w_norms.device)
+        _record(optimizer, [indices[k] for k in normed], w_norms, g_norms,
+                ratios, lr)
+        for k, step_size in zip(normed, torch.unbind(lr * ratios)):
+            step_sizes[k] = step_size
+    for block in _blocks(w, g, velocity, step_sizes, decay):
+        _lars_block(optimizer, *zip(*block))
+
+
+# Values per block of `lars_update`: w, g and v of a block (12 MB) stay in
+# a 32 MB L3 cache across its passes.
+BLOCK = 1 << 20
+
+
+def _blocks(*per_variable):
+    """Lists of `(w, g, v, step size, decay)` pieces of at most about
+    `BLOCK` values each: small variables grouped, large ones cut into
+    flat slices (views, updated in place)."""
+    pieces = []
+    for w, g, v, step_size, decay in zip(*per_variable):
+        size = w.numel()
+        if size <= BLOCK:
+            pieces.append((size, (w, g, v, step_size, decay)))
+            continue
+        # Views of w and v (updated in place); g is only read.
+        flat = [w.view(-1), g.reshape(-1), v.view(-1)]
+        for start in range(0, size, BLOCK):
+            piece = [x[start:start + BLOCK] for x in flat]
+            pieces.append((piece[0].numel(), (*piece, step_size, decay)))
+    blocks, block, total = [], [], 0
+    for size, piece in pieces:
+        if block and total + size > BLOCK:
+            blocks.append(block)
+            block, total = [], 0
+        block.append(piece)
+        total += size
+    if block:
+        blocks.append(block)
+    return blocks
+
+
+def _lars_block(optimizer, w, g, velocity, step_sizes, decay):
+    """LARS's velocity and weight update on one block of pieces."""
+    w, g, velocity, step_sizes = map(list, (w, g, velocity, step_sizes))
+    decayed = [k for k, d in enumerate(decay) if d]
     torch._foreach_mul_(velocity, optimizer.momentum)
     if not optimizer.nesterov:
         # v_t = momentum v + lr r (g + wd w), accumulated in place: no
@@ -125,7 +174,7 @@ def lars_update(optimizer, grads, variables, learning_rate):
             torch._foreach_addcmul_([velocity[k] for k in decayed],
                                     [w[k] for k in decayed],
                                     [step_sizes[k] for k in decayed],
-                                    value=wd)
+                                    value=optimizer.weight_decay)
         torch._foreach_add_(w, velocity, alpha=-1.0)
         return
     # Nesterov needs the step itself: w = w - (momentum v_t + step).
@@ -133,7 +182,8 @@ def lars_update(optimizer, grads, variables, learning_rate):
     if decayed:
         torch._foreach_addcmul_([step[k] for k in decayed],
                                 [w[k] for k in decayed],
-                                [step_sizes[k] for k in decayed], value=wd)
+                                [step_sizes[k] for k in decayed],
+                                value=optimizer.weight_decay)
     torch._foreach_add_(velocity, step)
     torch._foreach_add_(w, step, alpha=-1.0)
     torch._foreach_add_(w, velocity, alpha=-optimizer.momentum)

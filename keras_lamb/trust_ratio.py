@@ -24,7 +24,7 @@ __all__ = [
     "variable_path",
 ]
 
-SUM_OF_SQUARES_METHODS = ("reduce", "matvec", "rows")
+SUM_OF_SQUARES_METHODS = ("reduce", "matvec", "rows", "multi_output")
 # Below this many values a tensor's norm is not worth a matrix-vector product.
 _MATVEC_MIN_SIZE = 4096
 
@@ -61,7 +61,11 @@ def sum_of_squares(x, method="reduce"):
             - `"rows"`: the squares viewed as rows, each row summed, then
               the row sums: a two-stage reduction written out, which GPU
               compilers emit as a row reduction fused with the squaring.
+            - `"multi_output"`: a method of `sums_of_squares` (several
+              tensors); for one tensor, `"reduce"`.
     """
+    if method == "multi_output":
+        method = "reduce"
     return _sum_squares(ops.square(x), (), tuple(x.shape), method)
 
 
@@ -72,7 +76,18 @@ def sums_of_squares(tensors, method="reduce"):
     The squares are stacked and reduced together, so a compiler emits one
     reduction that reads each input once, whatever it makes of two sibling
     reductions. Returns a tuple of scalars.
+
+    `method="multi_output"` forms the sums in one reduction with one output
+    per tensor instead, without stacking (`keras_lamb.jax_norms`, the JAX
+    backend's; elsewhere, one `"reduce"` per tensor).
     """
+    if method == "multi_output":
+        if keras.backend.backend() == "jax":
+            from keras_lamb import jax_norms
+
+            return jax_norms.sums_of_squares(tensors)
+        return tuple(_sum_squares(ops.square(x), (), tuple(x.shape), "reduce")
+                     for x in tensors)
     count = len(tensors)
     squares = ops.stack([ops.square(x) for x in tensors])
     sums = _sum_squares(squares, (count,), tuple(tensors[0].shape), method)

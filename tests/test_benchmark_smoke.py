@@ -16,7 +16,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "optimizer_step.py")
 OPTIMIZERS = ["keras_lamb.LAMB", "keras_lamb.LARS", "keras.Adam",
               "keras_lamb.LAMB[reference]",
-              "keras_lamb.LARS[adapt-all+rows+joint]"]
+              "keras_lamb.LARS[adapt-all+rows+joint]",
+              "keras_lamb.LAMB[store+separate+multi_output]"]
 
 
 def run_script(script, *args):

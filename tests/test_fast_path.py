@@ -104,10 +104,10 @@ LARS_CONFIGS = {
 
 
 # The fast path's variants: the whole step, one variable at a time, and with
-# both norms of a variable reduced in one stacked pass (each way of forming
-# the sums).
+# both norms of a variable reduced in one pass (stacked, in each way of
+# forming the sums, or in one multi-output reduction).
 FAST_PATHS = ["whole", "per_variable", "joint_reduce", "joint_matvec",
-              "joint_rows", "recompute"]
+              "joint_rows", "joint_multi_output", "recompute"]
 
 
 def make_optimizer(name, config, path):
@@ -202,6 +202,22 @@ def test_torch_whole_step_takes_the_foreach_path(name, monkeypatch):
     assert calls == [len(FIXED_SPECS)] * 2
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch fast path")
+@pytest.mark.parametrize("config", LARS_CONFIGS)
+def test_torch_lars_in_small_blocks(config, monkeypatch):
+    # The torch LARS step moves the weights block by block; with blocks of
+    # 1000 values, the large variables are cut into slices (the last one
+    # shorter) and the small ones grouped, unlike at the default size.
+    from keras_lamb import torch_step
+
+    monkeypatch.setattr(torch_step, "BLOCK", 1000)
+    specs = FIXED_SPECS + random_specs(SPEC_SEEDS["lars"])
+    reference = run(make_optimizer("lars", LARS_CONFIGS[config],
+                                   "reference"), specs)
+    fast = run(make_optimizer("lars", LARS_CONFIGS[config], "whole"), specs)
+    assert_same(fast, reference)
+
+
 def test_the_step_changes_the_variables():
     # Guards the comparisons above against a path that does nothing.
     specs = FIXED_SPECS + random_specs(1)
@@ -256,12 +272,15 @@ def test_defaults_on_this_machine():
     # The CI machine has no accelerator: the CPU choices apply (see
     # `default_norm_method` and `default_joint_norms` for the measurements).
     assert not layerwise.on_accelerator()
-    expected = "matvec" if keras.backend.backend() == "tensorflow" else "reduce"
+    expected = {"tensorflow": "matvec", "jax": "multi_output"}.get(
+        keras.backend.backend(), "reduce")
     assert layerwise.default_norm_method() == expected
-    assert layerwise.default_joint_norms() is False
-    # Outside a compiled TF step, LAMB stores its update (see
-    # `test_compiled_lamb_step_stores_no_update` for inside).
+    assert layerwise.default_joint_norms() is (BACKEND == "jax")
+    # Outside a compiled step, LAMB stores its update (see
+    # `test_compiled_lamb_step_stores_no_update` and
+    # `test_jitted_lamb_step_stores_no_update` for inside).
     assert layerwise.default_recompute_for_norm() is False
+    assert layerwise.default_recompute_for_norm(keras.ops.ones(3)) is False
     # LARS never stacks its norms by default.
     assert keras_lamb.LAMB()._joint_norms is None
     assert keras_lamb.LARS()._joint_norms is False
@@ -343,3 +362,66 @@ def test_compiled_lamb_step_stores_no_update(recompute):
         assert temporaries == []
     else:
         assert len(temporaries) == 1, temporaries
+
+
+def jitted_step(optimizer, specs):
+    """`optimizer`'s step under `jax.jit` (as in `fit` on JAX) on the
+    variables of `specs`, compiled: `(compiled, (opt_values, train_values,
+    grads))`."""
+    import jax
+
+    variables = make_variables(specs)
+    optimizer.build(variables)
+
+    def step(opt_values, train_values, grads):
+        return optimizer.stateless_apply(opt_values, grads, train_values)
+
+    args = ([v.value for v in optimizer.variables],
+            [v.value for v in variables], make_gradients(specs, 0))
+    return jax.jit(step).lower(*args).compile(), args
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's XLA:CPU compilation")
+@pytest.mark.parametrize("stored", [False, True])
+def test_jitted_lamb_step_stores_no_update(stored):
+    # Inside jax.jit on a CPU, LAMB recomputes its update for the norm and
+    # forms both sums of squares in one multi-output reduction: the step's
+    # only temporaries are the partial sums, one per 16 values of each.
+    # Storing the update and reducing each norm with `sum` (the negative
+    # control, the JAX default before) makes the update a temporary of the
+    # variable's size, which XLA:CPU allocates and the system pages in on
+    # every step.
+    opt = keras_lamb.LAMB(learning_rate=0.01, weight_decay=0.01)
+    if stored:
+        opt._recompute_update = False
+        opt._joint_norms = False
+        opt._norm_method = "reduce"
+    # Two variables: XLA fuses the one update of a lone variable into both
+    # of its consumers.
+    compiled, _ = jitted_step(opt, [("dense/kernel", (300, 256), 0.1, 0.01),
+                                    ("output/kernel", (256, 300), 0.1, 0.01)])
+    temporary = compiled.memory_analysis().temp_size_in_bytes
+    variable_bytes = 4 * 300 * 256
+    if stored:
+        assert temporary >= variable_bytes
+    else:
+        assert temporary <= 2 * variable_bytes // 8
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the step under jax.jit")
+@pytest.mark.parametrize("name, config", [
+    ("lamb", "paper"), ("lamb", "bounds_no_bias_correction"),
+    ("lars", "mlperf"),
+])
+def test_jitted_step_equals_reference(name, config):
+    # The comparisons above run eagerly; under jit LAMB takes its compiled
+    # defaults (the update recomputed, the multi-output norms).
+    specs = FIXED_SPECS + random_specs(SPEC_SEEDS[name])
+    results = []
+    for path in ("reference", "whole"):
+        opt = make_optimizer(name, CONFIGS[name][config], path)
+        compiled, (opt_values, train_values, grads) = jitted_step(opt, specs)
+        new_train, new_opt = compiled(opt_values, train_values, grads)
+        results.append([np.array(x) for x in new_train + new_opt])
+    for fast, reference in zip(*results):
+        np.testing.assert_allclose(fast, reference, **TOLERANCES["float32"])
