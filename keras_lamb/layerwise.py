@@ -5,6 +5,7 @@ import re
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lamb.trust_ratio import (
@@ -20,6 +21,8 @@ from keras_lamb.trust_ratio import (
 )
 
 STAT_NAMES = ("weight_norm", "update_norm", "trust_ratio", "learning_rate")
+# A statistic's value before the variable's first update (read as NaN).
+NOT_UPDATED = -1.0
 
 def _check_learning_rate(learning_rate):
     if is_real_number(learning_rate):
@@ -387,8 +390,12 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         variables the optimizer does not train (float8 scales and amax
         histories, which Keras overwrites with their "gradients").
 
-        NaN until the variable's first update, so that a variable that never
-        got a gradient is not summarized as a zero ratio.
+        `NOT_UPDATED` (-1, a value no statistic takes) until the variable's
+        first update; `trust_ratio_stats()` reports it as NaN, so that a
+        variable that never got a gradient is not summarized as a zero
+        ratio. (Not NaN itself: JAX places an initial value on several hosts
+        only after checking it is equal on every one, and NaN never equals
+        itself.)
         """
         if _overwritten_with_gradient(variable):
             return None
@@ -398,7 +405,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
         return self.add_variable(
             shape=(),
             dtype="float32",
-            initializer=keras.initializers.Constant(float("nan")),
+            initializer=keras.initializers.Constant(NOT_UPDATED),
             name=f"{stat}_{name}",
         )
 
@@ -569,6 +576,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             ops.stack([self._stats[stat][i].value for stat in STAT_NAMES])
             for i, _ in tracked
         ]))
+        values = np.where(values == NOT_UPDATED, np.nan, values)
         return {
             variable_path(v): dict(
                 zip(STAT_NAMES, (float(x) for x in row)),
