@@ -3,14 +3,15 @@ multi-output reduction.
 
 XLA:CPU (jaxlib 0.10) hands every reduction written with `sum` to YNNPACK,
 which runs it on one thread and evaluates the elementwise math fused into it
-slowly: on an AMD EPYC, `sum(w**2)` over BERT's word embedding (23 M values)
-took 4.5 ms, `sum(u**2)` with LAMB's update `u` formed from w, m and v inside
-it 24 ms. A reduction of two or more operands (`jax.lax.reduce` with a tuple)
-is not YNNPACK's: XLA emits it as one loop over its output, the math fused in,
-which writes every output. Reduced over rows of 16 values, it forms both of
-LAMB's sums of squares (`||w||^2` and `||u||^2`, reading w, m and v once) in
-15 ms; the partial sums (one sixteenth of the tensor each) are then summed by
-`sum`. See docs/performance.md. Imported only when Keras runs on JAX.
+slowly. A reduction of two or more operands (`jax.lax.reduce` with a tuple)
+is not YNNPACK's: XLA emits it as one loop over its output, the math fused
+in, split over the cores. Measured on a 2-vCPU AMD EPYC, on the shape of
+BERT's word embedding (23 M values): `sum(w**2)` and `sum(u**2)`, LAMB's
+update `u` formed from w, m and v inside it, 15.2 ms; both in one reduction
+over rows of 16 values 8.8 ms (rows of 32: 28.0 ms), the partial sums (one
+sixteenth of the tensor each) then summed by `sum`. See
+results/jax_cpu/norm_forms.py and docs/performance.md. Imported only when
+Keras runs on JAX.
 """
 
 import math
@@ -19,7 +20,7 @@ import jax
 from keras import ops
 
 # Values per partial sum: the largest that XLA:CPU reduced at full speed
-# (rows of 32 or more were 3-4x slower).
+# (rows of 32 were 3x slower).
 ROW = 16
 
 
