@@ -2,22 +2,24 @@
 initial weights and the same batches in the same order (no dropout, no
 augmentation, one replica) give the same losses, step by step.
 
-This process runs the TensorFlow engine (`tpu_scripts.trainer.Trainer`); a
-JAX process (`tpu_scripts.jax_trainer.JaxTrainer`) starts from the weights
-this one saved and reports its losses and final weights.
+A TensorFlow process (`tpu_scripts.trainer.Trainer`) saves its initial
+weights and trains; a JAX process (`tpu_scripts.jax_trainer.JaxTrainer`)
+starts from those weights; both report their losses and final weights. The
+two runs are a background job (see conftest.py).
 """
 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
-import keras
 import numpy as np
 import pytest
 
-from conftest import BACKEND
+from conftest import BACKEND, background
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -32,7 +34,7 @@ pytestmark = [
 ]
 
 # What both processes build: a small ResNet (batch norm), its data, and the
-# optimizer; `engine_losses(trainer)` records each loop's training loss.
+# optimizer; `record_losses(trainer)` records each loop's training loss.
 SETUP = """
 import numpy as np
 import keras
@@ -87,41 +89,62 @@ print(json.dumps(losses))
 """ % STEPS
 
 
-def run_tensorflow(name, tmp_path):
-    namespace = {}
-    exec(SETUP, namespace)  # noqa: S102 the setup both engines share
-    import tensorflow as tf
+TENSORFLOW_RUN = SETUP + """
+import json, sys
+import tensorflow as tf
+from tpu_scripts.trainer import Trainer
+name, weights_path, out_path = sys.argv[1:4]
+keras.utils.set_random_seed(7)
+task, optimizer, train_input = make(name)
+trainer = Trainer(tf.distribute.get_strategy(), task, optimizer, 32,
+                  steps_per_loop=1, log=lambda *a, **k: None)
+np.savez(weights_path, **{f"w{i}": v.numpy()
+                          for i, v in enumerate(trainer.model.weights)})
+losses = record_losses(trainer)
+trainer.train(train_input, %d)
+np.savez(out_path, **{f"w{i}": v.numpy()
+                      for i, v in enumerate(trainer.model.weights)})
+print(json.dumps(losses))
+""" % STEPS
 
-    from tpu_scripts.trainer import Trainer
 
-    keras.utils.set_random_seed(7)
-    task, optimizer, train_input = namespace["make"](name)
-    trainer = Trainer(tf.distribute.get_strategy(), task, optimizer, 32,
-                      steps_per_loop=1, log=lambda *a, **k: None)
-    weights_path = str(tmp_path / f"{name}_initial.npz")
-    np.savez(weights_path, **{f"w{i}": v.numpy() for i, v in
-                              enumerate(trainer.model.weights)})
-    losses = namespace["record_losses"](trainer)
-    trainer.train(train_input, STEPS)
-    return weights_path, losses, [v.numpy() for v in trainer.model.weights]
-
-
-def run_jax(name, weights_path, out_path):
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+def run_engine(backend, program, *argv):
+    """Runs `program` on Keras's `backend`; returns its printed losses."""
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT)
     env.pop("XLA_FLAGS", None)
     process = subprocess.run(
-        [sys.executable, "-c", JAX_RUN, name, weights_path, out_path],
+        [sys.executable, "-c", program, *argv],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert process.returncode == 0, process.stderr[-3000:]
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
+def both_engines():
+    """`{name: (tf_losses, jax_losses, tf_weights, jax_weights)}`."""
+    root = tempfile.mkdtemp(prefix="keras_lamb_engines_")
+    out = {}
+    try:
+        for name in ("lars", "lamb"):
+            paths = [os.path.join(root, f"{name}_{what}.npz")
+                     for what in ("initial", "tf", "jax")]
+            tf_losses = run_engine("tensorflow", TENSORFLOW_RUN, name,
+                                   paths[0], paths[1])
+            jax_losses = run_engine("jax", JAX_RUN, name, paths[0], paths[2])
+            out[name] = (tf_losses, jax_losses, dict(np.load(paths[1])),
+                         dict(np.load(paths[2])))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+ENGINES = background("engines_agree", both_engines, seconds=40)
+
+
+@pytest.mark.background("engines_agree")
 @pytest.mark.parametrize("name", ["lars", "lamb"])
-def test_tensorflow_and_jax_engines_give_the_same_losses(name, tmp_path):
-    weights_path, tf_losses, tf_weights = run_tensorflow(name, tmp_path)
-    out_path = str(tmp_path / f"{name}_jax.npz")
-    jax_losses = run_jax(name, weights_path, out_path)
+def test_tensorflow_and_jax_engines_give_the_same_losses(name):
+    tf_losses, jax_losses, tf_weights, jax_weights = ENGINES.result()[name]
     assert len(jax_losses) == len(tf_losses) == STEPS
     relative = np.abs(np.array(jax_losses) - tf_losses) / np.abs(tf_losses)
     print(f"{name}: losses TF {np.round(tf_losses, 6).tolist()}, largest "
@@ -129,9 +152,8 @@ def test_tensorflow_and_jax_engines_give_the_same_losses(name, tmp_path):
     # float32 convolutions and reductions of two compilers (TF's kernels,
     # XLA:CPU), through 6 steps of layer-wise ratios: measured 1e-7.
     np.testing.assert_allclose(jax_losses, tf_losses, rtol=1e-5)
-    jax_weights = np.load(out_path)
-    for i, value in enumerate(tf_weights):
-        np.testing.assert_allclose(jax_weights[f"w{i}"], value, rtol=1e-3,
+    for key, value in tf_weights.items():
+        np.testing.assert_allclose(jax_weights[key], value, rtol=1e-3,
                                    atol=1e-5)
     # Negative control: the losses move by far more than the tolerance
     # from one step to the next.

@@ -98,7 +98,7 @@ def jax_engine_run(module, launcher=("-m", "pytest"), args=()):
 
 # Two jobs, so that both cores can run them at the end of the session.
 JAX_ENGINE = background(
-    "jax_engine", lambda: jax_engine_run("test_jax_engine.py"), seconds=190)
+    "jax_engine", lambda: jax_engine_run("test_jax_engine.py"), seconds=200)
 JAX_ENGINE_BERT = background(
     "jax_engine_bert", lambda: jax_engine_run("test_jax_engine_bert.py"),
     seconds=110)

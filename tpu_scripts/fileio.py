@@ -5,9 +5,9 @@ One small layer, so that run state, results, IDX files and checkpoint
 bookkeeping work the same under both engines:
 
 - in a process that has imported TensorFlow (the TensorFlow engine, or the
-  JAX engine reading TFRecords with `tf.data`), every call goes through
-  `tf.io.gfile`, as before (its `ram://` filesystem is what the tests use
-  for gs://);
+  JAX engine reading TFRecords with `tf.data`), every path of a scheme
+  TensorFlow has (local, gs://, its `ram://`, which the tests use for
+  gs://) goes through `tf.io.gfile`;
 - otherwise local paths use the operating system directly, and other
   schemes (`gs://`, `s3://`, ...) use `fsspec` (gs:// needs `gcsfs`); where
   `fsspec` has no implementation installed and TensorFlow is installed,
@@ -33,8 +33,10 @@ __all__ = [
 def _tf_gfile(path):
     """`tf.io.gfile` when this process uses TensorFlow for `path`, else
     `None`."""
-    if sys.modules.get("tensorflow") is not None:
-        return sys.modules["tensorflow"].io.gfile
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and (_is_local(path) or _tf_knows(tf, path)
+                           or not _fsspec_protocol_available(path)):
+        return tf.io.gfile
     if _is_local(path) or _fsspec_protocol_available(path):
         return None
     try:
@@ -42,6 +44,13 @@ def _tf_gfile(path):
     except ImportError:
         return None
     return tf.io.gfile
+
+
+def _tf_knows(tf, path):
+    """Whether TensorFlow has a filesystem for `path`'s scheme (gs://,
+    ram://, ...; fsspec's memory://, for one, it has not)."""
+    schemes = getattr(tf.io.gfile, "get_registered_schemes", None)
+    return schemes is None or str(path).split("://", 1)[0] in schemes()
 
 
 def _is_local(path):
