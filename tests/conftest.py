@@ -1,5 +1,6 @@
 import os
 import socket
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -101,6 +102,30 @@ def small_run_flags(data_dir, **overrides):
     )
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()]
+
+
+def read_until(process, text, timeout=240):
+    """Lines of `process`'s output up to the first containing `text` (the
+    process is killed and the test fails if it never prints it)."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    process.kill()
+    pytest.fail(f"never printed {text!r}:\n" + "".join(lines)[-3000:])
+
+
+def jax_device_count():
+    """JAX's device count in this process (0 on other backends)."""
+    if BACKEND != "jax":
+        return 0
+    import jax
+
+    return jax.device_count()
 
 
 def free_ports(count):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import keras_lamb
-from conftest import BACKEND
+from conftest import jax_device_count
 
 DEVICES = 8
 # Sharded against one device, float32: XLA sums partial norms across devices
@@ -25,16 +25,8 @@ DEVICES = 8
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
-def device_count():
-    if BACKEND != "jax":
-        return 0
-    import jax
-
-    return jax.device_count()
-
-
 pytestmark = pytest.mark.skipif(
-    device_count() < DEVICES,
+    jax_device_count() < DEVICES,
     reason="needs the JAX backend with 8 devices; run by "
     "test_jax_backend.py::test_keras_distribution_on_jax_backend",
 )

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BACKEND, write_tiny_fashion_mnist
+from conftest import jax_device_count, read_until, write_tiny_fashion_mnist
 from conftest import small_run_flags as tiny_run_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,16 +34,8 @@ TENSORFLOW_BLOCKED = "tensorflow" in sys.modules and (
     sys.modules["tensorflow"] is None)
 
 
-def device_count():
-    if BACKEND != "jax":
-        return 0
-    import jax
-
-    return jax.device_count()
-
-
 pytestmark = pytest.mark.skipif(
-    device_count() < DEVICES,
+    jax_device_count() < DEVICES,
     reason="needs the JAX backend with 8 devices; run by "
     "test_jax_backend.py::test_jax_engine",
 )
@@ -286,19 +278,6 @@ def _start(argv):
         env=dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT))
 
 
-def _read_until(process, text, timeout=300):
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    process.kill()
-    pytest.fail(f"never printed {text!r}:\n" + "".join(lines)[-3000:])
-
-
 def _finish(process, timeout=300):
     out, _ = process.communicate(timeout=timeout)
     return process.returncode, out
@@ -341,13 +320,13 @@ def test_sigterm_kill_9_and_a_damaged_checkpoint_end_bit_for_bit(
 
     model_dir = str(tmp_path / "run")
     process = _start(_long_run_flags(data_dir, model_dir))
-    _read_until(process, "step 6/24")
+    read_until(process, "step 6/24")
     process.send_signal(signal.SIGTERM)
     rc, out = _finish(process)
     assert rc == 143, out[-3000:]
     assert "Preempted: saved a checkpoint at step" in out
     process = _start(_long_run_flags(data_dir, model_dir))
-    lines = _read_until(process, "step 12/24")
+    lines = read_until(process, "step 12/24")
     assert any("Restored" in line for line in lines), lines
     process.kill()
     process.wait()

@@ -20,7 +20,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import BACKEND
+from conftest import jax_device_count
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "fixtures", "tiny_corpus.txt")
@@ -28,17 +28,9 @@ NANO = os.path.join(HERE, "fixtures", "bert_nano.json")
 DEVICES = 8
 
 
-def device_count():
-    if BACKEND != "jax":
-        return 0
-    import jax
-
-    return jax.device_count()
-
-
 pytestmark = [
     pytest.mark.skipif(
-        device_count() < DEVICES,
+        jax_device_count() < DEVICES,
         reason="needs the JAX backend with 8 devices; run by "
         "test_jax_backend.py::test_jax_engine_bert"),
 ]

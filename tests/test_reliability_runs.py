@@ -27,10 +27,9 @@ tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 from absl import flags  # noqa: E402
 
-from conftest import background  # noqa: E402
+from conftest import background, read_until  # noqa: E402
 from test_tpu_distributed import (  # noqa: E402
-    SCRIPT, checkpoint_values, read_until, small_run_flags, start,
-    write_data)
+    SCRIPT, checkpoint_values, small_run_flags, start, write_data)
 from tpu_scripts import run_state  # noqa: E402
 from tpu_scripts.resnet import train as resnet_train  # noqa: E402
 

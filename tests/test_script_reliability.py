@@ -19,8 +19,9 @@ import keras  # noqa: E402
 from absl import flags  # noqa: E402
 
 from test_tpu_distributed import (  # noqa: E402
-    checkpoint_values, finish, read_until, small_run_flags, start)
-from conftest import free_ports, write_tiny_fashion_mnist  # noqa: E402
+    checkpoint_values, finish, small_run_flags, start)
+from conftest import (  # noqa: E402
+    free_ports, read_until, write_tiny_fashion_mnist)
 from tpu_scripts import run_state  # noqa: E402
 from tpu_scripts.bert import data as bert_data  # noqa: E402
 from tpu_scripts.bert import finetune_squad  # noqa: E402

@@ -21,7 +21,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from conftest import (  # noqa: E402
-    background, free_ports, small_run_flags, write_tiny_fashion_mnist)
+    background, free_ports, small_run_flags,
+    write_tiny_fashion_mnist)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tpu_scripts", "resnet", "train.py")
@@ -80,20 +81,6 @@ def finish(processes, timeout=TIMEOUT):
     for p, out in zip(processes, outputs):
         assert p.returncode == 0, out[-3000:]
     return outputs
-
-
-def read_until(process, text, timeout=240):
-    """Lines of `process`'s output up to the first containing `text`."""
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    process.kill()
-    pytest.fail(f"never printed {text!r}:\n" + "".join(lines)[-3000:])
 
 
 def checkpoint_values(model_dir):

@@ -21,6 +21,7 @@ Hooks: `restore()`, `save()`, `evaluate(eval_input)`, `current_step()`,
 """
 
 import math
+import os
 import re
 import signal
 import sys
@@ -31,6 +32,7 @@ import keras
 
 from keras_lamb.layerwise import STAT_NAMES
 from tpu_scripts import run_state
+from tpu_scripts.summaries import NullWriter, create_writer
 
 
 def inner_optimizer(optimizer):
@@ -53,12 +55,68 @@ def _write_errors():
 
 
 class Engine:
-    """The shared loop; see the module docstring. Subclasses set, in their
-    `__init__`: `model`, `optimizer`, `train_metrics`, `eval_metrics`,
-    `global_batch_size`, `steps_per_loop`, `unit`, `model_dir`,
-    `checkpoint_manager` (anything not `None` when checkpoints are written),
-    `is_chief`, `_log`, `_train_writer`, `_eval_writer`, then call
-    `_init_loop_state()`."""
+    """The shared loop; see the module docstring. A subclass's `__init__`
+    calls `_init_common(...)`, `_build(optimizer_fn)` inside its scope and
+    `_open_writers()`, sets `checkpoint_manager` (anything not `None` when
+    checkpoints are written), then calls `_init_loop_state()`."""
+
+    def _init_common(self, task, global_batch_size, num_replicas,
+                     gradient_accumulation_steps, steps_per_loop, model_dir,
+                     unit, is_chief, log):
+        """Checks and stores what both engines take alike."""
+        from tpu_scripts import distribute
+
+        if steps_per_loop < 1:
+            raise ValueError(
+                f"steps_per_loop must be >= 1. Received: {steps_per_loop}.")
+        per_replica = distribute.per_replica_batch_size(
+            global_batch_size, num_replicas)
+        k = gradient_accumulation_steps
+        if not isinstance(k, int) or k < 1 or per_replica % k:
+            raise ValueError(
+                "gradient_accumulation_steps must be an integer >= 1 that "
+                f"divides the per-replica batch ({global_batch_size} / "
+                f"{num_replicas} replicas = {per_replica}). Received: "
+                f"gradient_accumulation_steps={k!r}.")
+        self.task = task
+        self.global_batch_size = global_batch_size
+        self.per_replica_batch_size = per_replica
+        self.gradient_accumulation_steps = k
+        self.steps_per_loop = steps_per_loop
+        self.model_dir = model_dir
+        self.unit = unit
+        self.is_chief = is_chief
+        self._log = log if is_chief else (lambda *a, **k: None)
+
+    def _build(self, optimizer_fn):
+        """Builds the task's model, the optimizer (with its slots, so that
+        nothing is restored lazily) and the metrics; call it inside the
+        engine's strategy or distribution scope."""
+        self.model = self.task.build_model()
+        self.optimizer = optimizer_fn()
+        own = inner_optimizer(self.optimizer).gradient_accumulation_steps
+        if own:
+            raise ValueError(
+                f"The optimizer accumulates gradients itself "
+                f"(`gradient_accumulation_steps={own}`); pass "
+                "`gradient_accumulation_steps` to the trainer instead, which "
+                "sums the micro-batches' gradients and applies them once "
+                "per update.")
+        self.optimizer.build(self.model.trainable_variables)
+        self.train_metrics = {
+            "loss": keras.metrics.Mean("loss"), **self.task.build_metrics()}
+        self.eval_metrics = {
+            "loss": keras.metrics.Mean("loss"), **self.task.build_metrics()}
+
+    def _open_writers(self):
+        """TensorBoard writers for `model_dir`/train and /eval (chief only;
+        nothing without a `model_dir`)."""
+        self._train_writer = self._eval_writer = NullWriter()
+        if self.model_dir and self.is_chief:
+            self._train_writer = create_writer(
+                os.path.join(self.model_dir, "train"), self._log)
+            self._eval_writer = create_writer(
+                os.path.join(self.model_dir, "eval"), self._log)
 
     def _init_loop_state(self):
         self._last_save = self._segment_start = time.time()

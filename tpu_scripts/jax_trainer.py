@@ -40,8 +40,7 @@ import keras
 import numpy as np
 
 from tpu_scripts import fileio, run_state
-from tpu_scripts.engine import Engine, first_line, inner_optimizer
-from tpu_scripts.summaries import NullWriter, create_writer
+from tpu_scripts.engine import Engine, first_line
 
 # Input bytes stacked on the devices for one compiled loop, at most.
 MAX_STACKED_BYTES = 1 << 30
@@ -77,58 +76,23 @@ class JaxTrainer(Engine):
                 "The JAX engine needs Keras's JAX backend; this process uses "
                 f"{keras.backend.backend()!r}. Set KERAS_BACKEND=jax before "
                 "importing keras.")
-        if steps_per_loop < 1:
-            raise ValueError(
-                f"steps_per_loop must be >= 1. Received: {steps_per_loop}.")
-        self.task = task
         self.distribution = distribution
         self.num_replicas = num_data_shards(distribution)
         self.num_processes = jax.process_count()
-        self.global_batch_size = global_batch_size
-        from tpu_scripts import distribute
-
-        per_replica = distribute.per_replica_batch_size(
-            global_batch_size, self.num_replicas)
-        k = gradient_accumulation_steps
-        if not isinstance(k, int) or k < 1 or per_replica % k:
-            raise ValueError(
-                "gradient_accumulation_steps must be an integer >= 1 that "
-                f"divides the per-device batch ({global_batch_size} / "
-                f"{self.num_replicas} devices = {per_replica}). Received: "
-                f"gradient_accumulation_steps={k!r}.")
-        self.gradient_accumulation_steps = k
-        self.model_dir = model_dir
-        self.steps_per_loop = steps_per_loop
-        self.unit = unit
+        self._init_common(
+            task, global_batch_size, self.num_replicas,
+            gradient_accumulation_steps, steps_per_loop, model_dir, unit,
+            jax.process_index() == 0, log)
         self.max_stacked_bytes = max_stacked_bytes
-        self.is_chief = jax.process_index() == 0
-        self._log = log if self.is_chief else (lambda *a, **k: None)
         with _scope(distribution):
-            self.model = task.build_model()
-            self.optimizer = optimizer_fn()
-            if inner_optimizer(self.optimizer).gradient_accumulation_steps:
-                raise ValueError(
-                    "The optimizer accumulates gradients itself; pass "
-                    "`gradient_accumulation_steps` to the trainer instead, "
-                    "which sums the micro-batches' gradients and applies "
-                    "them once per update.")
-            self.optimizer.build(self.model.trainable_variables)
-            self.train_metrics = {
-                "loss": keras.metrics.Mean("loss"), **task.build_metrics()}
-            self.eval_metrics = {
-                "loss": keras.metrics.Mean("loss"), **task.build_metrics()}
+            self._build(optimizer_fn)
         self._global_step = 0
         self._all_finite = None
         self.checkpoint_manager = None
-        self._train_writer = self._eval_writer = NullWriter()
         if model_dir:
             self.checkpoint_manager = _Checkpoints(
                 model_dir, max_checkpoints, self._log)
-            if self.is_chief:
-                self._train_writer = create_writer(
-                    os.path.join(model_dir, "train"), self._log)
-                self._eval_writer = create_writer(
-                    os.path.join(model_dir, "eval"), self._log)
+        self._open_writers()
         # The state keeps its layout (`keras.distribution`'s, e.g. kernels
         # sharded on "model") across steps: XLA would otherwise pick the
         # outputs' shardings itself.

@@ -41,13 +41,8 @@ import keras
 import tensorflow as tf
 
 from tpu_scripts import distribute, records, run_state
-from tpu_scripts.engine import (
-    Engine,
-    _PreemptionWatcher,
-    first_line as _first_line,
-    inner_optimizer as _inner_optimizer,
-)
-from tpu_scripts.summaries import NullWriter, create_writer
+from tpu_scripts.engine import Engine, _PreemptionWatcher
+from tpu_scripts.engine import first_line as _first_line
 # The tasks live in `tpu_scripts.tasks` (shared with the JAX engine).
 from tpu_scripts.tasks import ClassificationTask, Task  # noqa: F401
 
@@ -87,52 +82,14 @@ class Trainer(Engine):
                 f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow "
                 "before importing keras."
             )
-        if steps_per_loop < 1:
-            raise ValueError(
-                f"steps_per_loop must be >= 1. Received: {steps_per_loop}."
-            )
         self.strategy = strategy
-        self.task = task
-        self.global_batch_size = global_batch_size
-        self.per_replica_batch_size = distribute.per_replica_batch_size(
-            global_batch_size, strategy.num_replicas_in_sync
-        )
-        k = gradient_accumulation_steps
-        if not isinstance(k, int) or k < 1 or self.per_replica_batch_size % k:
-            raise ValueError(
-                "gradient_accumulation_steps must be an integer >= 1 that "
-                f"divides the per-replica batch ({global_batch_size} / "
-                f"{strategy.num_replicas_in_sync} replicas = "
-                f"{self.per_replica_batch_size}). Received: "
-                f"gradient_accumulation_steps={k!r}."
-            )
-        self.gradient_accumulation_steps = k
-        self.unit = unit
-        self.model_dir = model_dir
-        self.steps_per_loop = steps_per_loop
+        self._init_common(
+            task, global_batch_size, strategy.num_replicas_in_sync,
+            gradient_accumulation_steps, steps_per_loop, model_dir, unit,
+            distribute.is_chief(strategy), log)
         self.jit_compile = jit_compile
-        self.is_chief = distribute.is_chief(strategy)
-        self._log = log if self.is_chief else (lambda *a, **k: None)
         with strategy.scope():
-            self.model = task.build_model()
-            self.optimizer = optimizer_fn()
-            if _inner_optimizer(self.optimizer).gradient_accumulation_steps:
-                raise ValueError(
-                    "The optimizer accumulates gradients itself "
-                    "(`gradient_accumulation_steps="
-                    f"{_inner_optimizer(self.optimizer).gradient_accumulation_steps}`"
-                    "); pass `gradient_accumulation_steps` to the Trainer "
-                    "instead, which accumulates on each replica and "
-                    "all-reduces once per update."
-                )
-            # Slots exist before any restore, so nothing is restored lazily.
-            self.optimizer.build(self.model.trainable_variables)
-            self.train_metrics = {
-                "loss": keras.metrics.Mean("loss"), **task.build_metrics()
-            }
-            self.eval_metrics = {
-                "loss": keras.metrics.Mean("loss"), **task.build_metrics()
-            }
+            self._build(optimizer_fn)
             self.global_step = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
@@ -142,18 +99,13 @@ class Trainer(Engine):
             global_step=self.global_step,
         )
         self.checkpoint_manager = None
-        self._train_writer = self._eval_writer = NullWriter()
         if model_dir:
             self.checkpoint_manager = tf.train.CheckpointManager(
                 self.checkpoint,
                 distribute.writable_model_dir(model_dir, strategy),
                 max_to_keep=max_checkpoints,
             )
-            if self.is_chief:
-                self._train_writer = create_writer(
-                    os.path.join(model_dir, "train"))
-                self._eval_writer = create_writer(
-                    os.path.join(model_dir, "eval"))
+        self._open_writers()
         self._forward_backward = tf.function(
             self._forward_backward_fn, jit_compile=True
         ) if jit_compile else self._forward_backward_fn
