@@ -78,14 +78,14 @@ def sums_of_squares(tensors, method="reduce"):
     reductions. Returns a tuple of scalars.
 
     `method="multi_output"` forms the sums in one reduction with one output
-    per tensor instead, without stacking (`keras_lamb.jax_norms`, the JAX
+    per tensor instead, without stacking (`keras_lamb.jax_cpu`, the JAX
     backend's; elsewhere, one `"reduce"` per tensor).
     """
     if method == "multi_output":
         if keras.backend.backend() == "jax":
-            from keras_lamb import jax_norms
+            from keras_lamb import jax_cpu
 
-            return jax_norms.sums_of_squares(tensors)
+            return jax_cpu.sums_of_squares(tensors)
         return tuple(_sum_squares(ops.square(x), (), tuple(x.shape), "reduce")
                      for x in tensors)
     count = len(tensors)

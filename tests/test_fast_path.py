@@ -390,12 +390,14 @@ def test_jitted_lamb_step_stores_no_update(stored):
     # Storing the update and reducing each norm with `sum` (the negative
     # control, the JAX default before) makes the update a temporary of the
     # variable's size, which XLA:CPU allocates and the system pages in on
-    # every step.
+    # every step (in XLA's order: stepped one variable after another, XLA
+    # fuses even a stored update into both its consumers).
     opt = keras_lamb.LAMB(learning_rate=0.01, weight_decay=0.01)
     if stored:
         opt._recompute_update = False
         opt._joint_norms = False
         opt._norm_method = "reduce"
+        opt._step_in_order = False
     # Two variables: XLA fuses the one update of a lone variable into both
     # of its consumers.
     compiled, _ = jitted_step(opt, [("dense/kernel", (300, 256), 0.1, 0.01),
@@ -425,3 +427,109 @@ def test_jitted_step_equals_reference(name, config):
         results.append([np.array(x) for x in new_train + new_opt])
     for fast, reference in zip(*results):
         np.testing.assert_allclose(fast, reference, **TOLERANCES["float32"])
+
+
+def in_and_out_of_order(optimizer_factory, specs):
+    """The jitted step of two optimizers made by `optimizer_factory`, one
+    stepping the variables in order, one in XLA's: `[(compiled, outputs)]`."""
+    results = []
+    for in_order in (True, False):
+        opt = optimizer_factory()
+        opt._step_in_order = in_order
+        compiled, (opt_values, train_values, grads) = jitted_step(opt, specs)
+        new_train, new_opt = compiled(opt_values, train_values, grads)
+        results.append((compiled, [np.array(x) for x in new_train + new_opt]))
+    return results
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the step under jax.jit")
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_step_in_order_is_the_same_step(name):
+    # On JAX on a CPU, LAMB steps each variable after the previous one
+    # (`layerwise.default_step_in_order`): every kernel of a variable
+    # waits for the previous variable's new weights. The values are the
+    # same bits; the compiled program keeps a wait for every variable after
+    # the first (a `select` on a never-true predicate formed from the bits
+    # of the previous weights, copied into each kernel that reads the
+    # gradient), which XLA did not fold away. Stepped in XLA's order (the
+    # control), there is none.
+    specs = FIXED_SPECS + random_specs(SPEC_SEEDS[name])
+    config = CONFIGS[name]["paper" if name == "lamb" else "mlperf"]
+    (ordered, a), (unordered, b) = in_and_out_of_order(
+        lambda: make_optimizer(name, config, "whole"), specs)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    waits = [c.as_text().count(" bitcast-convert(") for c in
+             (ordered, unordered)]
+    assert waits[0] >= len(specs) - 1
+    assert waits[1] == 0
+
+
+def test_default_step_order():
+    import contextlib
+
+    jax_cpu = BACKEND == "jax"
+    assert layerwise.default_step_in_order() is False
+    assert layerwise.default_step_in_order(keras.ops.ones(3)) is False
+    # LAMB takes the default; LARS keeps XLA's order (see keras_lamb.lars).
+    assert keras_lamb.LAMB()._step_in_order is None
+    assert keras_lamb.LARS()._step_in_order is False
+    if not jax_cpu:
+        return
+    import jax
+
+    seen = {}
+
+    def traced(x, key):
+        seen[key] = layerwise.default_step_in_order(x)
+        return x
+
+    devices = jax.devices()[:1]
+    mesh = keras.distribution.DeviceMesh((1, 1), ["batch", "model"], devices)
+    layouts = keras.distribution.LayoutMap(mesh)
+    for key, scope in [
+        ("none", contextlib.nullcontext()),
+        ("data", keras.distribution.DataParallel(devices=devices).scope()),
+        ("model", keras.distribution.ModelParallel(
+            layout_map=layouts, batch_dim_name="batch").scope()),
+    ]:
+        with scope:
+            jax.jit(lambda x: traced(x, key))(np.ones(3, "float32"))
+    # Variables sharded over devices (model parallelism) keep XLA's order:
+    # the wait would read an element of another device's shard.
+    assert seen == {"none": True, "data": True, "model": False}
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras_lamb.jax_cpu is JAX's")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_after_returns_its_input_bit_for_bit(dtype):
+    import jax
+    import jax.numpy as jnp
+
+    from keras_lamb import jax_cpu
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 7)), dtype)
+    x = x.at[0, 0].set(jnp.nan).at[0, 1].set(-jnp.inf).at[0, 2].set(-0.0)
+    # Every kind of first element of `previous`: the predicate is false for
+    # all of them (it compares masked exponent bits with a value outside
+    # the mask).
+    for first in [0.0, -0.0, 1.0, -3.5, np.inf, -np.inf, np.nan, 6e-8,
+                  6e4]:
+        for prev_dtype in ["float32", dtype]:
+            previous = jnp.full((2, 3), first, prev_dtype)
+            for fn in (jax_cpu.after, jax.jit(jax_cpu.after)):
+                y = fn(x, previous)
+                assert y.dtype == x.dtype
+                np.testing.assert_array_equal(bits(y), bits(x))
+    # A scalar `previous` works; an empty one adds no dependency.
+    np.testing.assert_array_equal(
+        bits(jax_cpu.after(x, jnp.float32(2.0))), bits(x))
+    assert jax_cpu.after(x, jnp.zeros((0, 4), dtype)) is x
+    # The comparison detects a change of one bit (a negative control).
+    assert not np.array_equal(bits(x.at[3, 3].add(1)), bits(x))
+
+
+def bits(x):
+    """The bit patterns of a float array (NaNs and signed zeros kept)."""
+    x = np.asarray(x)
+    return x.view(f"uint{8 * x.dtype.itemsize}")
