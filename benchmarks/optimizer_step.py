@@ -87,9 +87,9 @@ TORCH_PEERS = ["torch.AdamW", "torch.SGD-momentum", "timm.Lamb", "timm.Lars"]
 # backend-neutral step on torch (`neutral`), each way of
 # computing the norms (the defaults depend on the backend and device), both
 # norms in one reduction or in two, LAMB's update recomputed for its norm or
-# stored, the variables stepped one after another or in XLA's order (JAX),
-# and no exclusions (every variable decayed and adapted). Variants combine
-# with `+`: `keras_lamb.LAMB[adapt-all+joint]`.
+# stored, the variables stepped one after another (JAX), and no exclusions
+# (every variable decayed and adapted). Variants combine with `+`:
+# `keras_lamb.LAMB[adapt-all+joint]`.
 VARIANTS = {
     "reference": {"_use_reference_path": True},
     # torch: the backend-neutral whole step instead of the grouped
@@ -104,7 +104,6 @@ VARIANTS = {
     "recompute": {"_recompute_update": True},
     "store": {"_recompute_update": False},
     "in-order": {"_step_in_order": True},
-    "xla-order": {"_step_in_order": False},
     "adapt-all": {},  # handled in make_keras_optimizer
 }
 ALL_OPTIMIZERS = KERAS_OPTIMIZERS + OPTAX_OPTIMIZERS + [
@@ -160,8 +159,8 @@ def define_flags():
         "`[rows]` and `[multi_output]` force a way of computing the norms, "
         "`[joint]` and `[separate]` reduce both norms in one pass or in two, "
         "`[recompute]` and `[store]` form LAMB's update again for its norm "
-        "or keep it between the two, `[in-order]` and `[xla-order]` step "
-        "the variables one after another on JAX or in the order XLA picks, "
+        "or keep it between the two, `[in-order]` steps the variables one "
+        "after another (JAX; by default in the order XLA picks), "
         "`[adapt-all]` drops the exclusions; combine variants with `+`, "
         "e.g. `keras_lamb.LAMB[adapt-all+joint]`).")
     parser.add_argument(

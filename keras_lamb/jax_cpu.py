@@ -1,5 +1,6 @@
-"""The JAX backend on CPU: the norms in one multi-output reduction, and the
-variables stepped one after another. Imported only when Keras runs on JAX.
+"""The JAX backend on CPU: the norms in one multi-output reduction, and a way
+to step the variables one after another. Imported only when Keras runs on
+JAX.
 
 Norms. XLA:CPU (jaxlib 0.10) hands every reduction written with `sum` to
 YNNPACK, which runs it on one thread and evaluates the elementwise math fused
@@ -12,17 +13,17 @@ over rows of 16 values 8.8 ms (rows of 32: 28.0 ms), the partial sums (one
 sixteenth of the tensor each) then summed by `sum`. See
 results/jax_cpu/norm_forms.py.
 
-Order. XLA:CPU runs a program's kernels as their buffers allow, not in the
-order the step is written: all the variables' moment updates, then all their
-norms, then all the weight updates, so each pass reads every tensor from
-memory again. A layer-wise step reads a variable three times (moments, norm,
-weights); made to wait for the previous variable's new weights (`after`),
-each variable's passes run back to back and the later ones find its tensors
-still in the cache. Measured on the same machine in plain JAX, LAMB's time
-over Adam's: 96 tensors of 768 x 768, 1.46x in XLA's order, 1.18x in order;
-24 of 768 x 3072, 1.42x and 1.34x; two word embeddings (94 MB a tensor, more
-than the cache), 1.51x and 1.54x. See results/jax_cpu/step_order.py and
-docs/performance.md.
+Order (`after`, used only when `_step_in_order` is set, off by default).
+XLA:CPU runs a program's kernels as their buffers allow, not in the order the
+step is written: all the variables' moment updates, then all their norms,
+then all the weight updates, so each pass reads every tensor from memory
+again. Made to wait for the previous variable's new weights, each variable's
+passes run back to back and the later ones find its tensors in the cache: in
+plain JAX, LAMB's time over Adam's, 96 tensors of 768 x 768 1.46x -> 1.18x,
+24 of 768 x 3072 1.42x -> 1.34x (results/jax_cpu/step_order.py). Inside a
+training step the same waits keep every gradient alive until the optimizer
+reaches it, and the step got slower (results/jax_cpu/fit_order.py,
+docs/performance.md).
 """
 
 import math

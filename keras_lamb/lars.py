@@ -105,12 +105,6 @@ class LARS(LayerwiseAdaptiveOptimizer):
     # for LAMB, whose fused moment updates it keeps in place on GPUs
     # (`layerwise.default_joint_norms`); LARS's norms read only w and g.
     _joint_norms = False
-    # XLA's order on JAX (`layerwise.default_step_in_order` is LAMB's):
-    # LARS's norms read w and g before its step, and in XLA's order the
-    # one-thread `sum`s of different variables run side by side. In order,
-    # BERT-base shapes on an AMD EPYC took 1.81x Keras SGD-momentum's time
-    # against 1.52x (1.50x with the two norms in one reduction).
-    _step_in_order = False
 
     # `update_norm` in `trust_ratio_stats()` is ||g||, the gradient's norm.
     update_norm_of = "g"

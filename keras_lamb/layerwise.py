@@ -197,34 +197,6 @@ def default_recompute_for_norm(tensor=None):
     return bool(enclosing_xla_context) and enclosing_xla_context() is not None
 
 
-def default_step_in_order(tensor=None):
-    """Whether each variable's step waits for the previous variable's.
-
-    Asked when a step is traced, with one of its tensors. On for JAX on a
-    CPU inside `jax.jit` (`tensor` a tracer), unless a `keras.distribution`
-    shards variables (`ModelParallel`; data parallelism replicates them, so
-    the wait reads a local element). XLA:CPU otherwise runs all the
-    variables' moment updates, then all their norms, then all their weight
-    updates, and each of a layer-wise step's three passes reads every
-    tensor from memory; in order, the norm and weight passes of a variable
-    find its tensors in the cache. Measured on an AMD EPYC, LAMB's step over
-    Keras Adam's: BERT-base shapes 1.66x -> 1.44x, ResNet-50 1.50x -> 1.47x
-    (medians of three runs; see `keras_lamb.jax_cpu` and
-    docs/performance.md). LARS keeps XLA's order (`keras_lamb.lars`). Off
-    elsewhere: GPUs and TPUs schedule and fuse kernels themselves, and the
-    other backends run the step in the order written.
-    """
-    if keras.backend.backend() != "jax" or on_accelerator():
-        return False
-    import jax
-
-    if not isinstance(tensor, jax.core.Tracer):
-        return False
-    distribution = keras.distribution.distribution()
-    return distribution is None or isinstance(
-        distribution, keras.distribution.DataParallel)
-
-
 def _norms(*tensors, norm_method, joint_norms=False):
     """The Euclidean norm of each tensor in `tensors`.
 
@@ -277,9 +249,15 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
     # LAMB: recompute the update for its norm rather than store it; `None`
     # picks `default_recompute_for_norm()`.
     _recompute_update = None
-    # Step each variable after the previous one (JAX); `None` picks
-    # `default_step_in_order()`.
-    _step_in_order = None
+    # JAX under `jit`: step each variable after the previous one (each waits
+    # for the previous variable's new weights, `keras_lamb.jax_cpu.after`).
+    # Measured on a CPU: the optimizer step alone gets faster (LAMB on
+    # BERT-base shapes 1.66x -> 1.44x Keras Adam's time: its norm and weight
+    # passes find the variable in the cache), but `fit`, where the step
+    # shares a program with the backward pass, gets slower (all gradients
+    # then stay alive together; see docs/performance.md). Off.
+    _step_in_order = False
+
     def __init__(
         self,
         learning_rate,
@@ -515,9 +493,6 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                          else self._joint_norms),
         )
         scalars = {}  # per compute dtype, formed once per step
-        in_order = self._step_in_order
-        if in_order is None:
-            in_order = default_step_in_order(grads[0] if grads else None)
         previous = None  # the previous variable's new value, when in order
         for grad, variable in zip(grads, variables):
             index, use_decay, use_adaptation = self._layer_flags(variable)
@@ -537,7 +512,7 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             new_w, new_state, stats = self._layerwise_update(
                 w, g, state, use_decay, use_adaptation, scalars[dtype], norms
             )
-            if in_order:
+            if self._step_in_order:
                 previous = new_w
             # Statistics first: on eager TF `w` still aliases the variable.
             if stats is not None:

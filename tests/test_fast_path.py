@@ -284,6 +284,9 @@ def test_defaults_on_this_machine():
     # LARS never stacks its norms by default.
     assert keras_lamb.LAMB()._joint_norms is None
     assert keras_lamb.LARS()._joint_norms is False
+    # Both step the variables in the order XLA picks.
+    assert keras_lamb.LAMB()._step_in_order is False
+    assert keras_lamb.LARS()._step_in_order is False
 
 
 def test_whole_step_only_where_allowed():
@@ -390,14 +393,12 @@ def test_jitted_lamb_step_stores_no_update(stored):
     # Storing the update and reducing each norm with `sum` (the negative
     # control, the JAX default before) makes the update a temporary of the
     # variable's size, which XLA:CPU allocates and the system pages in on
-    # every step (in XLA's order: stepped one variable after another, XLA
-    # fuses even a stored update into both its consumers).
+    # every step.
     opt = keras_lamb.LAMB(learning_rate=0.01, weight_decay=0.01)
     if stored:
         opt._recompute_update = False
         opt._joint_norms = False
         opt._norm_method = "reduce"
-        opt._step_in_order = False
     # Two variables: XLA fuses the one update of a lone variable into both
     # of its consumers.
     compiled, _ = jitted_step(opt, [("dense/kernel", (300, 256), 0.1, 0.01),
@@ -445,14 +446,13 @@ def in_and_out_of_order(optimizer_factory, specs):
 @pytest.mark.skipif(BACKEND != "jax", reason="the step under jax.jit")
 @pytest.mark.parametrize("name", ["lamb", "lars"])
 def test_step_in_order_is_the_same_step(name):
-    # On JAX on a CPU, LAMB steps each variable after the previous one
-    # (`layerwise.default_step_in_order`): every kernel of a variable
-    # waits for the previous variable's new weights. The values are the
-    # same bits; the compiled program keeps a wait for every variable after
-    # the first (a `select` on a never-true predicate formed from the bits
-    # of the previous weights, copied into each kernel that reads the
-    # gradient), which XLA did not fold away. Stepped in XLA's order (the
-    # control), there is none.
+    # `_step_in_order` (off: see `LayerwiseAdaptiveOptimizer`) makes every
+    # kernel of a variable wait for the previous variable's new weights. The
+    # values are the same bits; the compiled program keeps a wait for every
+    # variable after the first (a `select` on a never-true predicate formed
+    # from the bits of the previous weights, copied into each kernel that
+    # reads the gradient), which XLA did not fold away. In XLA's order (the
+    # default, and the control), there is none.
     specs = FIXED_SPECS + random_specs(SPEC_SEEDS[name])
     config = CONFIGS[name]["paper" if name == "lamb" else "mlperf"]
     (ordered, a), (unordered, b) = in_and_out_of_order(
@@ -463,41 +463,6 @@ def test_step_in_order_is_the_same_step(name):
              (ordered, unordered)]
     assert waits[0] >= len(specs) - 1
     assert waits[1] == 0
-
-
-def test_default_step_order():
-    import contextlib
-
-    jax_cpu = BACKEND == "jax"
-    assert layerwise.default_step_in_order() is False
-    assert layerwise.default_step_in_order(keras.ops.ones(3)) is False
-    # LAMB takes the default; LARS keeps XLA's order (see keras_lamb.lars).
-    assert keras_lamb.LAMB()._step_in_order is None
-    assert keras_lamb.LARS()._step_in_order is False
-    if not jax_cpu:
-        return
-    import jax
-
-    seen = {}
-
-    def traced(x, key):
-        seen[key] = layerwise.default_step_in_order(x)
-        return x
-
-    devices = jax.devices()[:1]
-    mesh = keras.distribution.DeviceMesh((1, 1), ["batch", "model"], devices)
-    layouts = keras.distribution.LayoutMap(mesh)
-    for key, scope in [
-        ("none", contextlib.nullcontext()),
-        ("data", keras.distribution.DataParallel(devices=devices).scope()),
-        ("model", keras.distribution.ModelParallel(
-            layout_map=layouts, batch_dim_name="batch").scope()),
-    ]:
-        with scope:
-            jax.jit(lambda x: traced(x, key))(np.ones(3, "float32"))
-    # Variables sharded over devices (model parallelism) keep XLA's order:
-    # the wait would read an element of another device's shard.
-    assert seen == {"none": True, "data": True, "model": False}
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras_lamb.jax_cpu is JAX's")
