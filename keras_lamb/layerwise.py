@@ -249,13 +249,13 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
     # LAMB: recompute the update for its norm rather than store it; `None`
     # picks `default_recompute_for_norm()`.
     _recompute_update = None
-    # JAX under `jit`: step each variable after the previous one (each waits
-    # for the previous variable's new weights, `keras_lamb.jax_cpu.after`).
-    # Measured on a CPU: the optimizer step alone gets faster (LAMB on
-    # BERT-base shapes 1.66x -> 1.44x Keras Adam's time: its norm and weight
-    # passes find the variable in the cache), but `fit`, where the step
-    # shares a program with the backward pass, gets slower (all gradients
-    # then stay alive together; see docs/performance.md). Off.
+    # JAX: step each variable after the previous one (each waits for the
+    # previous variable's new weights, `keras_lamb.jax_cpu.after`; ignored
+    # on other backends). Measured on a CPU: the optimizer step alone gets
+    # faster (LAMB on BERT-base shapes 1.69x -> 1.56x Keras Adam's time: its
+    # norm and weight passes find the variable in the cache), but `fit`,
+    # where the step shares a program with the backward pass, gets slower
+    # (all gradients then stay alive together; results/jax_cpu). Off.
     _step_in_order = False
 
     def __init__(
@@ -493,6 +493,9 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
                          else self._joint_norms),
         )
         scalars = {}  # per compute dtype, formed once per step
+        after = None  # `jax_cpu.after` when stepping in order
+        if self._step_in_order and keras.backend.backend() == "jax":
+            from keras_lamb.jax_cpu import after
         previous = None  # the previous variable's new value, when in order
         for grad, variable in zip(grads, variables):
             index, use_decay, use_adaptation = self._layer_flags(variable)
@@ -505,14 +508,12 @@ class LayerwiseAdaptiveOptimizer(keras.optimizers.Optimizer):
             # all-reduced and densified.
             g = ops.reshape(dense_cast(grad, dtype), tuple(w.shape))
             if previous is not None:
-                from keras_lamb import jax_cpu
-
-                g = jax_cpu.after(g, previous)
+                g = after(g, previous)
             state = [ops.cast(slot, dtype) for slot in slots]
             new_w, new_state, stats = self._layerwise_update(
                 w, g, state, use_decay, use_adaptation, scalars[dtype], norms
             )
-            if self._step_in_order:
+            if after is not None:
                 previous = new_w
             # Statistics first: on eager TF `w` still aliases the variable.
             if stats is not None:

@@ -287,6 +287,13 @@ def test_defaults_on_this_machine():
     # Both step the variables in the order XLA picks.
     assert keras_lamb.LAMB()._step_in_order is False
     assert keras_lamb.LARS()._step_in_order is False
+    # Set on another backend, the switch is ignored (it is JAX's).
+    if BACKEND != "jax":
+        specs = FIXED_SPECS[:4]
+        ordered = make_optimizer("lamb", {}, "whole")
+        ordered._step_in_order = True
+        assert_same(run(ordered, specs, steps=1),
+                    run(make_optimizer("lamb", {}, "whole"), specs, steps=1))
 
 
 def test_whole_step_only_where_allowed():
